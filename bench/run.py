@@ -1,0 +1,1065 @@
+#!/usr/bin/env python3
+"""isofs benchmark suite: the native directory against FUSE contenders, in one run.
+
+Every workload ("row") runs on every contender in the same run; the contender order
+is rotated between repetitions and the median of the repetitions is reported, with
+ratios against the native directory (and isofs against the minimal pyfuse3
+passthrough). It is a benchmark, not a test: nothing here asserts on timings.
+
+    python bench/run.py [--quick] [--only ROWS] [--contenders LIST] [--repeat N]
+                        [--json FILE] [--workdir DIR]
+
+See bench/README.md for what each row measures and how to read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import fnmatch
+import io
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+MINIMAL_FS = BENCH_DIR / "minimal_passthrough.py"
+
+MiB = 1 << 20
+GiB = 1 << 30
+SEED = 20240601  # fixed: same offsets, same tree, every run on every machine
+
+
+def note(msg: str) -> None:
+    print(f"  note: {msg}", flush=True)
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """The last non-empty line of a command's output, for a one-line error."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    line = lines[-1] if lines else "(no output)"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------
+# Rows (workloads)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    unit: str
+    higher_is_better: bool  # True for throughputs (MiB/s, IOPS), False for seconds
+    what: str
+
+
+ROWS: list[Row] = [
+    Row("seq-write", "MiB/s", True, "write one big file in 1 MiB blocks, then fsync"),
+    Row("seq-read-cold", "MiB/s", True, "read it back after sync + drop_caches"),
+    Row("seq-read-warm", "MiB/s", True, "read it again at once"),
+    Row("rand-read-4k", "IOPS", True, "4 KiB os.pread at random aligned offsets, warm"),
+    Row("create-10k", "s", False, "create N small files (open/write/close) in one dir"),
+    Row("list-scandir-cold", "s", False, "os.scandir + entry.stat() after remount + drop"),
+    Row("list-scandir-warm", "s", False, "the same again at once"),
+    Row("list-ls-cold", "s", False, "`ls -l DIR >/dev/null` after remount + drop"),
+    Row("list-ls-warm", "s", False, "the same again at once"),
+    Row("untar", "s", False, "`tar -xf` a synthetic source tree (uncompressed tar)"),
+    Row("unlink-10k", "s", False, "unlink the N small files"),
+]
+ROW_BY_NAME = {r.name: r for r in ROWS}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    file_bytes: int
+    block: int
+    prefault_bytes: int  # 0 = no pre-fault
+    rand_reads: int
+    small_files: int
+    small_file_bytes: int
+    tree_files: int
+
+
+FULL = Sizes(GiB, MiB, GiB + GiB // 2, 20_000, 10_000, 100, 2_500)
+QUICK = Sizes(128 * MiB, MiB, 0, 5_000, 2_000, 100, 600)
+
+
+# --------------------------------------------------------------------------------------
+# System helpers: mounts, caches, processes
+# --------------------------------------------------------------------------------------
+
+
+def _unescape_mountinfo(s: str) -> str:
+    # Mount points in mountinfo escape space, tab, newline and backslash as \ooo.
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and s[i + 1 : i + 4].isdigit() and len(s[i + 1 : i + 4]) == 3:
+            out.append(chr(int(s[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts() -> list[tuple[str, str, str]]:
+    """(mount point, fs type, source) for every line of /proc/self/mountinfo."""
+    result = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(fields) >= 5 and len(rfields) >= 2:
+                result.append((_unescape_mountinfo(fields[4]), rfields[0], rfields[1]))
+    return result
+
+
+def is_mounted(path: Path | str) -> bool:
+    p = os.path.abspath(path)
+    return any(m[0] == p for m in mounts())
+
+
+def mounts_under(root: Path) -> list[str]:
+    r = str(root).rstrip("/") + "/"
+    return [m[0] for m in mounts() if m[0].startswith(r)]
+
+
+def fs_of(path: Path) -> str:
+    """'fstype source' of the mount holding path."""
+    best = ("", "?", "?")
+    p = os.path.realpath(path)
+    for m in mounts():
+        mp = m[0]
+        inside = p == mp or p.startswith(mp.rstrip("/") + "/")
+        if inside and len(mp) >= len(best[0]):
+            best = m
+    return f"{best[1]} ({best[2]})"
+
+
+class Caches:
+    """sync + drop_caches, or a one-time note when that is not possible."""
+
+    def __init__(self) -> None:
+        self.can_drop = os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
+        self._noted = False
+
+    def drop(self) -> None:
+        os.sync()
+        if not self.can_drop:
+            if not self._noted:
+                note("not root: drop_caches skipped, 'cold' rows are not really cold")
+                self._noted = True
+            return
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child is "alive" for kill(0); reap it if it is ours.
+    with contextlib.suppress(ChildProcessError, OSError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_pid(pid: int, grace: float = 5.0) -> None:
+    """SIGTERM, wait, SIGKILL: one process, by PID."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        if not pid_alive(pid):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and pid_alive(pid):
+            time.sleep(0.05)
+
+
+def pids_with_arg(arg: str) -> list[int]:
+    """PIDs whose command line holds ``arg`` as one argument (a unique mount point)."""
+    found = []
+    want = arg.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if want in argv:
+            found.append(int(entry))
+    return found
+
+
+def fusermount_u(mnt: Path, timeout: float = 30.0) -> None:
+    """Unmount a FUSE mount: normal first, lazy if that fails."""
+    if not is_mounted(mnt):
+        return
+    r = subprocess.run(
+        ["fusermount3", "-u", str(mnt)], capture_output=True, text=True, timeout=timeout
+    )
+    if r.returncode != 0 and is_mounted(mnt):
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=timeout)
+
+
+def wait_for_mount(mnt: Path, proc: subprocess.Popen | None, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if is_mounted(mnt):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise MountError(f"exited with {proc.returncode}: {one_line(log.read_text())}")
+        time.sleep(0.02)
+    raise MountError(f"no mount at {mnt} after {timeout:.0f}s: {one_line(log.read_text())}")
+
+
+def ensure_tool(tool: str, apt_package: str, tried: set[str]) -> str | None:
+    """Path of ``tool``; if missing, one ``apt-get install -y`` attempt (as root)."""
+    path = shutil.which(tool)
+    if path or apt_package in tried:
+        return path
+    tried.add(apt_package)
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return None
+    print(f"  {tool} not found: apt-get install -y {apt_package} ...", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    r = subprocess.run(
+        ["apt-get", "install", "-y", "-q", apt_package], capture_output=True, text=True, env=env
+    )
+    if r.returncode != 0:
+        note(f"apt-get install {apt_package} failed: {one_line(r.stderr or r.stdout)}")
+    return shutil.which(tool)
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    lines = (r.stdout or r.stderr).strip().splitlines()
+    return lines[0].strip() if lines else "?"
+
+
+# --------------------------------------------------------------------------------------
+# Contenders
+# --------------------------------------------------------------------------------------
+
+
+class MountError(RuntimeError):
+    pass
+
+
+class Contender:
+    """One way of presenting a directory. Subclasses mount ``src`` at ``mnt``.
+
+    Life cycle per repetition: prepare(src) -> mount() -> [remount()...] -> unmount().
+    unmount() must be idempotent and safe to call at any point, also after a failure.
+    """
+
+    name = "?"
+    is_fuse = True
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.src: Path | None = None
+        self.mnt: Path | None = None
+
+    # Overridables --------------------------------------------------------------------
+    def check(self, tried: set[str]) -> str | None:
+        """None if usable, else why not (printed, contender skipped)."""
+        return None
+
+    def version(self) -> str:
+        return ""
+
+    def prepare(self, src: Path) -> None:
+        """Turn an empty source directory into what mount() expects."""
+
+    def _mount(self) -> None:
+        raise NotImplementedError
+
+    def _unmount(self) -> None:
+        raise NotImplementedError
+
+    # Common ----------------------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        assert self.mnt is not None
+        return self.mnt
+
+    def mount(self, src: Path, mnt: Path) -> None:
+        self.src, self.mnt = src, mnt
+        try:
+            self._mount()
+        except BaseException:
+            self.unmount()
+            raise
+
+    def remount(self) -> None:
+        self.unmount()
+        self._mount()
+
+    def unmount(self) -> None:
+        if self.mnt is not None:
+            self._unmount()
+
+
+class Native(Contender):
+    name = "native"
+    is_fuse = False
+
+    @property
+    def data_dir(self) -> Path:
+        assert self.src is not None
+        return self.src
+
+    def _mount(self) -> None:
+        pass
+
+    def _unmount(self) -> None:
+        pass
+
+
+class ForegroundFuse(Contender):
+    """A FUSE daemon run in the foreground as our child; stopped by fusermount3 + PID."""
+
+    tool: str | None = None  # executable that must exist
+    apt_package: str | None = None
+
+    def __init__(self, work: Path) -> None:
+        super().__init__(work)
+        self.proc: subprocess.Popen | None = None
+        self.log = work / f"{self.name}.log"
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def check(self, tried: set[str]) -> str | None:
+        if self.tool and not ensure_tool(self.tool, self.apt_package or self.tool, tried):
+            return f"{self.tool} not installed"
+        return None
+
+    def _mount(self) -> None:
+        assert self.mnt is not None
+        with open(self.log, "ab") as log:
+            log.write(f"--- {' '.join(self.argv())}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True,
+            )
+        wait_for_mount(self.mnt, self.proc, self.log, timeout=30)
+
+    def _unmount(self) -> None:
+        assert self.mnt is not None
+        try:
+            fusermount_u(self.mnt)
+        finally:
+            if self.proc is not None:
+                try:
+                    self.proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    stop_pid(self.proc.pid)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.proc.wait(timeout=5)
+                self.proc = None
+
+
+class Minimal(ForegroundFuse):
+    name = "minimal"
+
+    def version(self) -> str:
+        return f"pyfuse3 {_pkg_version('pyfuse3')}"
+
+    def argv(self) -> list[str]:
+        return [sys.executable, str(MINIMAL_FS), str(self.src), str(self.mnt)]
+
+
+class Bindfs(ForegroundFuse):
+    name = "bindfs"
+    tool = apt_package = "bindfs"
+
+    def version(self) -> str:
+        return tool_version(["bindfs", "--version"])
+
+    def argv(self) -> list[str]:
+        # -f only keeps it our child (for the PID); it is `bindfs SRC MNT` otherwise.
+        return ["bindfs", "-f", str(self.src), str(self.mnt)]
+
+
+class Gocryptfs(ForegroundFuse):
+    name = "gocryptfs"
+    tool = apt_package = "gocryptfs"
+
+    def __init__(self, work: Path) -> None:
+        super().__init__(work)
+        self.passfile = work / "gocryptfs.pass"
+
+    def version(self) -> str:
+        return tool_version(["gocryptfs", "-version"]).split(";")[0]
+
+    def prepare(self, src: Path) -> None:
+        if not self.passfile.exists():
+            self.passfile.write_text("isofs-bench-not-a-secret\n")
+            self.passfile.chmod(0o600)
+        r = subprocess.run(
+            ["gocryptfs", "-init", "-q", "-passfile", str(self.passfile), str(src)],
+            capture_output=True, text=True, timeout=120,
+        )
+        if r.returncode != 0:
+            raise MountError(f"gocryptfs -init: {one_line(r.stderr or r.stdout)}")
+
+    def argv(self) -> list[str]:
+        return [
+            "gocryptfs", "-fg", "-q", "-passfile", str(self.passfile),
+            str(self.src), str(self.mnt),
+        ]
+
+
+class IsofsCli(Contender):
+    """``python -m isofs mount [ARGS] SRC MNT`` (daemonizes once live) and ``umount MNT``.
+
+    ``init_args`` set -> ``python -m isofs init SRC INIT_ARGS`` in prepare().
+    """
+
+    name = "isofs"
+    init_args: list[str] | None = None
+    mount_args: list[str] = []
+
+    def __init__(self, work: Path) -> None:
+        super().__init__(work)
+        self.daemon_pids: list[int] = []
+        self.log = work / f"{self.name}.log"
+
+    def version(self) -> str:
+        r = self._cli(["--version"], timeout=30, check=False)
+        return one_line(r.stdout) if r.returncode == 0 else ""
+
+    def _cli(
+        self, args: list[str], timeout: float, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+        )
+        argv = [sys.executable, "-m", "isofs", *args]
+        r = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, env=env,
+            stdin=subprocess.DEVNULL, cwd=self.work,
+        )
+        with open(self.log, "a") as log:
+            log.write(f"--- {' '.join(argv)} -> {r.returncode}\n{r.stdout}{r.stderr}")
+        if check and r.returncode != 0:
+            raise MountError(f"isofs {args[0]}: {one_line(r.stderr or r.stdout)}")
+        return r
+
+    def prepare(self, src: Path) -> None:
+        if self.init_args is not None:
+            self._cli(["init", str(src), *self.init_args], timeout=120)
+
+    def _mount(self) -> None:
+        assert self.mnt is not None
+        try:
+            self._cli(["mount", *self.mount_args, str(self.src), str(self.mnt)], timeout=60)
+        finally:
+            # Whatever it left running for this (unique) mount point is ours to stop.
+            self.daemon_pids = pids_with_arg(str(self.mnt))
+        if not is_mounted(self.mnt):
+            raise MountError("isofs mount returned 0 but nothing is mounted")
+
+    def _unmount(self) -> None:
+        assert self.mnt is not None
+        try:
+            if is_mounted(self.mnt):
+                with contextlib.suppress(subprocess.TimeoutExpired, MountError):
+                    self._cli(["umount", str(self.mnt)], timeout=60)
+            fusermount_u(self.mnt)  # no-op if umount worked
+        finally:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any(map(pid_alive, self.daemon_pids)):
+                time.sleep(0.05)
+            for pid in self.daemon_pids:
+                stop_pid(pid)
+            self.daemon_pids = []
+
+
+# To add a contender: subclass one of the above (a few lines) and register it here.
+# For example an isofs mount that shows another view:
+#
+#   class IsofsTarget(IsofsCli):
+#       name = "isofs-target"
+#       init_args = ["--provider", "passthrough"]
+#       mount_args = ["--default-view", "target"]
+#
+CONTENDERS: dict[str, type[Contender]] = {
+    c.name: c for c in (Native, Minimal, Bindfs, IsofsCli, Gocryptfs)
+}
+DEFAULT_CONTENDERS = ["native", "minimal", "bindfs", "isofs"]
+
+# Ratio columns: (numerator, denominator). Only those whose both sides ran are shown.
+RATIO_BASES = ["native"]
+EXTRA_RATIOS = [("isofs", "minimal")]
+
+
+def _pkg_version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return "?"
+
+
+# --------------------------------------------------------------------------------------
+# Workloads
+# --------------------------------------------------------------------------------------
+
+
+def write_file(path: Path, size: int, block: bytes, fsync: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(block)
+        left = size
+        while left > 0:
+            chunk = view[: min(len(view), left)]
+            while chunk:
+                chunk = chunk[os.write(fd, chunk) :]
+            left -= min(len(view), left)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_file(path: Path, block: int) -> int:
+    buf = bytearray(block)
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            total += n
+    return total
+
+
+def build_tree_tar(dest: Path, n_files: int) -> tuple[int, int]:
+    """A deterministic tar of a synthetic source tree; returns (entries, bytes)."""
+    rng = random.Random(SEED)
+    words = (
+        b"def class return import self None if else for in while with as try except "
+        b"int char void static struct include define const unsigned size_t the of and "
+        b"value index buffer result error data name path node list dict error { } ( ) ; = "
+    ).split()
+    # A few MiB of text-like filler; files are slices of it.
+    filler = b" ".join(rng.choice(words) for _ in range(900_000)) + b"\n"
+    exts = [".py", ".py", ".py", ".c", ".h", ".txt", ".md", ".json", ".rst", ".html"]
+
+    # Directories: a tree about 4 deep, ~1 directory per 12 files.
+    dirs = ["src"]
+    for _ in range(max(1, n_files // 12)):
+        parent = rng.choice(dirs)
+        if parent.count("/") >= 4:
+            parent = "src"
+        dirs.append(f"{parent}/d{len(dirs):03d}")
+
+    mtime = 1_700_000_000
+    entries, total = 0, 0
+    with tarfile.open(dest, "w", format=tarfile.GNU_FORMAT) as tar:
+
+        def add(info: tarfile.TarInfo, data: bytes | None = None) -> None:
+            info.mtime, info.uid, info.gid, info.uname, info.gname = mtime, 0, 0, "root", "root"
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+
+        for d in dirs:
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            add(info)
+            entries += 1
+        files = []
+        for i in range(n_files):
+            # Log-normal sizes: median ~3 KiB, a tail of files of hundreds of KiB.
+            size = min(int(rng.lognormvariate(8.0, 1.4)), 2 * MiB)
+            start = rng.randrange(0, len(filler) - size - 1)
+            name = f"{rng.choice(dirs)}/f{i:05d}{rng.choice(exts)}"
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = size, 0o755 if i % 50 == 0 else 0o644
+            add(info, filler[start : start + size])
+            files.append(name)
+            entries += 1
+            total += size
+        for i in range(max(1, n_files // 100)):
+            target = rng.choice(files)
+            info = tarfile.TarInfo(f"{target.rsplit('/', 1)[0]}/link{i:03d}")
+            info.type, info.linkname = tarfile.SYMTYPE, target.rsplit("/", 1)[1]
+            add(info)
+            entries += 1
+    return entries, total
+
+
+@dataclass
+class Ctx:
+    sizes: Sizes
+    selected: set[str]
+    caches: Caches
+    work: Path
+    tarball: Path | None
+    block: bytes = field(repr=False, default=b"")
+
+    def wants(self, *rows: str) -> bool:
+        return any(r in self.selected for r in rows)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def prefault(ctx: Ctx) -> None:
+    """Write and delete a scratch file on the native dir so that the memory the timed
+    write will use has been touched just before (see README: VM memory balloon)."""
+    if not ctx.sizes.prefault_bytes:
+        return
+    scratch = ctx.work / "prefault.tmp"
+    try:
+        write_file(scratch, ctx.sizes.prefault_bytes, ctx.block, fsync=False)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def run_workloads(c: Contender, ctx: Ctx, record: Callable[[str, float], None]) -> None:
+    """All selected rows, in order, on one mounted contender."""
+    s = ctx.sizes
+    d = c.data_dir
+    big = d / "big.bin"
+    mib = s.file_bytes / MiB
+
+    def cold() -> None:
+        if c.is_fuse:
+            c.remount()
+        ctx.caches.drop()
+
+    # 1-4: one big file ------------------------------------------------------------
+    if ctx.wants("seq-write", "seq-read-cold", "seq-read-warm", "rand-read-4k"):
+        if ctx.wants("seq-write"):
+            prefault(ctx)
+        os.sync()
+        dt = timed(lambda: write_file(big, s.file_bytes, ctx.block, fsync=True))
+        if ctx.wants("seq-write"):
+            record("seq-write", mib / dt)
+        if ctx.wants("seq-read-cold"):
+            ctx.caches.drop()
+            record("seq-read-cold", mib / timed(lambda: read_file(big, s.block)))
+        if ctx.wants("seq-read-warm"):
+            record("seq-read-warm", mib / timed(lambda: read_file(big, s.block)))
+        if ctx.wants("rand-read-4k"):
+            if not ctx.wants("seq-read-warm"):
+                read_file(big, s.block)
+            rng = random.Random(SEED)
+            nblocks = s.file_bytes // 4096
+            offsets = [rng.randrange(nblocks) * 4096 for _ in range(s.rand_reads)]
+            fd = os.open(big, os.O_RDONLY)
+            try:
+                pread = os.pread
+                t0 = time.perf_counter()
+                for off in offsets:
+                    pread(fd, 4096, off)
+                dt = time.perf_counter() - t0
+            finally:
+                os.close(fd)
+            record("rand-read-4k", s.rand_reads / dt)
+        big.unlink()
+        os.sync()
+
+    # 5-7, 9: many small files -----------------------------------------------------
+    many_rows = (
+        "create-10k", "list-scandir-cold", "list-scandir-warm", "list-ls-cold",
+        "list-ls-warm", "unlink-10k",
+    )
+    if ctx.wants(*many_rows):
+        many = d / "many"
+        many.mkdir()
+        names = [str(many / f"file{i:05d}.txt") for i in range(s.small_files)]
+        payload = (b"0123456789abcdef" * ((s.small_file_bytes + 15) // 16))[: s.small_file_bytes]
+
+        def create() -> None:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+            for n in names:
+                fd = os.open(n, flags, 0o644)
+                os.write(fd, payload)
+                os.close(fd)
+
+        dt = timed(create)
+        if ctx.wants("create-10k"):
+            record("create-10k", dt)
+        os.sync()
+
+        def scandir() -> None:
+            with os.scandir(many) as it:
+                for e in it:
+                    e.stat()
+
+        env = dict(os.environ, LC_ALL="C")
+
+        def ls() -> None:
+            subprocess.run(["ls", "-l", str(many)], stdout=subprocess.DEVNULL, env=env, check=True)
+
+        for kind, fn in (("scandir", scandir), ("ls", ls)):
+            if ctx.wants(f"list-{kind}-cold"):
+                cold()
+                many = c.data_dir / "many"
+                record(f"list-{kind}-cold", timed(fn))
+            if ctx.wants(f"list-{kind}-warm"):
+                record(f"list-{kind}-warm", timed(fn))
+
+        if ctx.wants("unlink-10k"):
+            record("unlink-10k", timed(lambda: [os.unlink(n) for n in names]))
+            many.rmdir()
+        os.sync()
+
+    # 8: untar ---------------------------------------------------------------------
+    if ctx.wants("untar"):
+        assert ctx.tarball is not None
+        dest = d / "untar"
+        dest.mkdir()
+        argv = ["tar", "-xf", str(ctx.tarball), "-C", str(dest)]
+        record("untar", timed(lambda: subprocess.run(argv, check=True)))
+        os.sync()
+
+
+# --------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v == 0:
+        return "0"
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def speed_ratio(row: Row, num: float | None, den: float | None) -> float | None:
+    """num vs den as a speed ratio (>1 = num is faster), for rates and times alike."""
+    if num is None or den is None or num <= 0 or den <= 0:
+        return None
+    return num / den if row.higher_is_better else den / num
+
+
+def ratio_pairs(names: list[str]) -> list[tuple[str, str]]:
+    pairs = [(n, b) for b in RATIO_BASES if b in names for n in names if n != b]
+    pairs += [(a, b) for a, b in EXTRA_RATIOS if a in names and b in names]
+    return pairs
+
+
+def render_table(
+    rows: list[Row], names: list[str], med: dict[str, dict[str, float]]
+) -> str:
+    pairs = ratio_pairs(names)
+    header = ["row", "unit", *names, *(f"{a}/{b}" for a, b in pairs)]
+    lines = []
+    for row in rows:
+        vals = [med.get(n, {}).get(row.name) for n in names]
+        ratios = [speed_ratio(row, med.get(a, {}).get(row.name), med.get(b, {}).get(row.name))
+                  for a, b in pairs]
+        lines.append(
+            [row.name, row.unit, *map(fmt, vals), *(f"{r:.2f}x" if r else "-" for r in ratios)]
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        out = [f"{cells[0]:<{widths[0]}}", f"{cells[1]:<{widths[1]}}"]
+        out += [f"{c:>{w}}" for c, w in zip(cells[2:], widths[2:], strict=True)]
+        if pairs:
+            k = 2 + len(names)
+            out.insert(k, "|")
+        return "  ".join(out)
+
+    sep = "-" * len(line(header))
+    return "\n".join([line(header), sep, *(line(cells) for cells in lines)])
+
+
+def render_spread(
+    rows: list[Row], names: list[str], samples: dict[str, dict[str, list[float]]]
+) -> str:
+    out = ["spread of the repetitions, (max-min)/median:"]
+    width = max(len(r.name) for r in rows)
+    head = " " * width + "  " + "  ".join(f"{n:>10}" for n in names)
+    out.append(head)
+    for row in rows:
+        cells = []
+        for n in names:
+            xs = samples.get(n, {}).get(row.name, [])
+            if len(xs) < 2:
+                cells.append(f"{'-':>10}")
+            else:
+                m = statistics.median(xs)
+                cells.append(f"{(max(xs) - min(xs)) / m * 100:>9.0f}%")
+        out.append(f"{row.name:<{width}}  " + "  ".join(cells))
+    return "\n".join(out)
+
+
+def environment(work: Path, contenders: list[Contender]) -> dict[str, str]:
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as f:
+        kb = int(f.readline().split()[1])
+        mem = f"{kb / (1 << 20):.1f} GiB"
+    env = {
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "kernel": f"{platform.system()} {platform.release()}",
+        "cpus": f"{os.cpu_count()} x {cpu}",
+        "memory": mem,
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "pyfuse3": _pkg_version("pyfuse3"),
+        "trio": _pkg_version("trio"),
+        "workdir fs": fs_of(work),
+        "root": "yes" if os.geteuid() == 0 else "no (no drop_caches)",
+    }
+    for c in contenders:
+        v = c.version()
+        if v and c.name not in ("minimal",):
+            env[c.name] = v
+    return env
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="isofs benchmark: native directory vs FUSE contenders.",
+        epilog="rows: " + ", ".join(r.name for r in ROWS)
+        + " | contenders: " + ", ".join(CONTENDERS),
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="1 repetition, smaller sizes, no memory pre-fault")
+    p.add_argument("--only", metavar="ROWS",
+                   help="comma-separated rows to time (shell patterns ok, e.g. 'list-*')")
+    p.add_argument("--contenders", metavar="LIST",
+                   default=",".join(DEFAULT_CONTENDERS),
+                   help=f"comma-separated (default {','.join(DEFAULT_CONTENDERS)})")
+    p.add_argument("--repeat", type=int, metavar="N",
+                   help="repetitions, median reported (default 3; --quick: 1)")
+    p.add_argument("--json", metavar="FILE", help="save environment and raw samples here")
+    p.add_argument("--workdir", metavar="DIR",
+                   help="create the scratch dir inside DIR (default: the current directory, "
+                        "so that it is on the same filesystem)")
+    args = p.parse_args(argv)
+
+    args.contender_names = [n.strip() for n in args.contenders.split(",") if n.strip()]
+    unknown = [n for n in args.contender_names if n not in CONTENDERS]
+    if unknown:
+        p.error(f"unknown contender(s) {', '.join(unknown)}; known: {', '.join(CONTENDERS)}")
+    if len(set(args.contender_names)) != len(args.contender_names):
+        p.error("a contender is listed twice")
+
+    if args.only:
+        selected: list[str] = []
+        for pat in (x.strip() for x in args.only.split(",") if x.strip()):
+            hits = [r.name for r in ROWS if fnmatch.fnmatchcase(r.name, pat)]
+            if not hits:
+                p.error(f"--only: no row matches {pat!r}; rows: {', '.join(ROW_BY_NAME)}")
+            selected += [h for h in hits if h not in selected]
+        args.rows = [r for r in ROWS if r.name in selected]
+    else:
+        args.rows = list(ROWS)
+
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    base = Path(args.workdir).resolve() if args.workdir else Path.cwd()
+    work = Path(tempfile.mkdtemp(prefix="isofs-bench-", dir=base))
+
+    # SIGTERM/SIGHUP -> the same clean-up path as Ctrl-C.
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _raise)
+    signal.signal(signal.SIGHUP, _raise)
+
+    live: list[Contender] = []
+    rc = 0
+    try:
+        rc = _run(args, sizes, work, live)
+    except KeyboardInterrupt:
+        print("\ninterrupted: cleaning up", file=sys.stderr)
+        rc = 130
+    except Exception as exc:
+        print(f"\nerror: {type(exc).__name__}: {exc}", file=sys.stderr)
+        rc = 1
+    finally:
+        _cleanup(work, live)
+    return rc
+
+
+def _cleanup(work: Path, live: list[Contender]) -> None:
+    with contextlib.suppress(KeyboardInterrupt):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for c in live:
+            try:
+                c.unmount()
+            except Exception as exc:
+                print(f"warning: unmounting {c.name}: {exc}", file=sys.stderr)
+        for mnt in mounts_under(work):  # anything still mounted in our scratch dir is ours
+            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+        left = mounts_under(work)
+        if left:
+            print(f"warning: still mounted, scratch dir kept: {', '.join(left)}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _run(args: argparse.Namespace, sizes: Sizes, work: Path, live: list[Contender]) -> int:
+    tried: set[str] = set()
+    print("isofs benchmark", flush=True)
+    contenders: list[Contender] = []
+    for name in args.contender_names:
+        c = CONTENDERS[name](work)
+        why = c.check(tried)
+        if why:
+            print(f"  skip {name}: {why}", flush=True)
+            continue
+        contenders.append(c)
+        live.append(c)
+
+    env = environment(work, contenders)
+    width = max(map(len, env))
+    for k, v in env.items():
+        print(f"  {k:<{width}}  {v}")
+    selected = {r.name for r in args.rows}
+    print(
+        f"  sizes       file {sizes.file_bytes // MiB} MiB, rand reads {sizes.rand_reads:,},"
+        f" small files {sizes.small_files:,} x {sizes.small_file_bytes} B,"
+        f" tree {sizes.tree_files:,} files, pre-fault {sizes.prefault_bytes // MiB} MiB,"
+        f" repeat {args.repeat}",
+        flush=True,
+    )
+
+    tarball = None
+    if "untar" in selected:
+        tarball = work / "tree.tar"
+        n, total = build_tree_tar(tarball, sizes.tree_files)
+        print(f"  tarball     {n:,} entries, {total / MiB:.1f} MiB of file data", flush=True)
+
+    ctx = Ctx(sizes, selected, Caches(), work, tarball, block=random.Random(SEED).randbytes(MiB))
+    samples: dict[str, dict[str, list[float]]] = {c.name: {} for c in contenders}
+    errors: dict[str, str] = {}
+    active = list(contenders)
+    t_start = time.monotonic()
+    for rep in range(args.repeat):
+        k = rep % len(active) if active else 0
+        order = active[k:] + active[:k]
+        print(f"\nrepetition {rep + 1}/{args.repeat}: {', '.join(c.name for c in order)}",
+              flush=True)
+        for c in order:
+            src = work / f"src-{c.name}-{rep}"
+            mnt = work / f"mnt-{c.name}"
+            src.mkdir()
+            mnt.mkdir(exist_ok=True)
+            got: dict[str, float] = {}
+
+            def record(row: str, value: float, c: Contender = c, got: dict = got) -> None:
+                samples[c.name].setdefault(row, []).append(value)
+                got[row] = value
+
+            t0 = time.monotonic()
+            try:
+                c.prepare(src)
+                c.mount(src, mnt)
+                run_workloads(c, ctx, record)
+            except (MountError, OSError, subprocess.SubprocessError) as exc:
+                msg = one_line(str(exc))
+                errors[c.name] = msg
+                print(f"  {c.name:<10} skipped: {msg}", flush=True)
+                active.remove(c)
+            finally:
+                c.unmount()
+                shutil.rmtree(src, ignore_errors=True)
+            if got:
+                summary = ", ".join(
+                    f"{r} {fmt(v)}" for r, v in got.items()
+                )
+                print(f"  {c.name:<10} {time.monotonic() - t0:5.1f}s  {summary}", flush=True)
+        if not active:
+            break
+
+    names = [c.name for c in contenders if samples[c.name]]
+    med = {n: {r: statistics.median(v) for r, v in samples[n].items()} for n in names}
+    print(f"\nresults: median of {args.repeat} ({time.monotonic() - t_start:.0f}s)."
+          " Ratio columns are speed ratios a/b: >1 means a is faster than b, for every"
+          " row (rates: a/b; times: b_time/a_time).")
+    print(render_table(args.rows, names, med))
+    if args.repeat > 1 and names:
+        print()
+        print(render_spread(args.rows, names, samples))
+    for n, msg in errors.items():
+        print(f"  {n}: {msg}")
+
+    if args.json:
+        doc = {
+            "environment": env,
+            "sizes": sizes.__dict__,
+            "repeat": args.repeat,
+            "rows": [r.__dict__ for r in args.rows],
+            "contenders": names,
+            "samples": samples,
+            "medians": med,
+            "errors": errors,
+        }
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"raw samples saved to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

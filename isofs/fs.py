@@ -1,0 +1,318 @@
+"""The FUSE layer: translates pyfuse3 requests into `Volume` calls and errors into errnos.
+
+It holds no policy, no crypto and no caching logic: it converts names and attributes,
+asks the caller resolver which view a request belongs to, and maps exceptions to errnos.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from isofs.volume import Caller, Entry, Volume
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+async def _translate(
+    method: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> T:
+    """Run a handler; OSError becomes its errno, anything unexpected is logged as EIO."""
+    try:
+        return await method(*args, **kwargs)
+    except pyfuse3.FUSEError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.EIO or not exc.errno:
+            log.error("%s: I/O error: %s", method.__name__, exc)
+        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+    except Exception:
+        log.exception("%s failed", method.__name__)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+def _errors_to_errno(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Decorate a handler with errno translation (and per-request logging under --debug)."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        if log.isEnabledFor(logging.DEBUG):
+            return await _logged(method, args, kwargs)
+        return await _translate(method, args, kwargs)
+
+    return wrapper
+
+
+async def _logged(
+    method: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> T:
+    """--debug: one log line per request with its arguments, outcome and duration."""
+    shown = ", ".join(_short(a) for a in args[1:] if not isinstance(a, pyfuse3.RequestContext))
+    started = time.perf_counter()
+    outcome = "ok"
+    try:
+        return await _translate(method, args, kwargs)
+    except pyfuse3.FUSEError as exc:
+        outcome = f"errno {errno.errorcode.get(exc.errno, exc.errno)}"
+        raise
+    finally:
+        elapsed = (time.perf_counter() - started) * 1e6
+        log.debug("%s(%s) -> %s in %.0f us", method.__name__, shown, outcome, elapsed)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, bytes | bytearray | memoryview) and len(value) > 32:
+        return f"<{len(value)} bytes>"
+    return repr(value)
+
+
+def _fill(entry: Entry) -> pyfuse3.EntryAttributes:
+    out = pyfuse3.EntryAttributes()
+    attr = entry.attr
+    out.st_ino = entry.nodeid
+    out.generation = 0
+    out.entry_timeout = entry.entry_timeout
+    out.attr_timeout = entry.attr_timeout
+    out.st_mode = attr.mode
+    out.st_nlink = attr.nlink
+    out.st_uid = attr.uid
+    out.st_gid = attr.gid
+    out.st_rdev = attr.rdev
+    out.st_size = attr.size
+    out.st_blocks = attr.blocks
+    out.st_blksize = attr.blksize
+    out.st_atime_ns = attr.atime_ns
+    out.st_mtime_ns = attr.mtime_ns
+    out.st_ctime_ns = attr.ctime_ns
+    return out
+
+
+class IsoFS(pyfuse3.Operations):
+    """pyfuse3 operations over one `Volume`."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, volume: Volume, debug: bool = False) -> None:
+        super().__init__()
+        self.volume = volume
+        self.debug = debug
+
+    def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
+        return Caller(ctx.uid, ctx.gid, self.volume.view_for(ctx.pid, ctx.uid, ctx.gid))
+
+    # ----------------------------------------------------------------------- names
+
+    @_errors_to_errno
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return _fill(self.volume.lookup(parent_inode, os.fsdecode(name), self._caller(ctx)))
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for nodeid, count in inode_list:
+            try:
+                self.volume.forget(nodeid, count)
+            except Exception:
+                log.exception("forget(%d, %d) failed", nodeid, count)
+
+    @_errors_to_errno
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return _fill(self.volume.getattr(inode, self._caller(ctx).view))
+
+    @_errors_to_errno
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        entry = await self.volume.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            fh=fh,
+            caller_view=self._caller(ctx).view,
+        )
+        return _fill(entry)
+
+    @_errors_to_errno
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.volume.readlink(inode)
+
+    @_errors_to_errno
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return _fill(
+            self.volume.mknod(parent_inode, os.fsdecode(name), mode, rdev, self._caller(ctx))
+        )
+
+    @_errors_to_errno
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return _fill(self.volume.mkdir(parent_inode, os.fsdecode(name), mode, self._caller(ctx)))
+
+    @_errors_to_errno
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return _fill(
+            self.volume.symlink(parent_inode, os.fsdecode(name), target, self._caller(ctx))
+        )
+
+    @_errors_to_errno
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return _fill(
+            self.volume.link(inode, new_parent_inode, os.fsdecode(new_name), self._caller(ctx))
+        )
+
+    @_errors_to_errno
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.volume.unlink(parent_inode, os.fsdecode(name), self._caller(ctx))
+
+    @_errors_to_errno
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.volume.rmdir(parent_inode, os.fsdecode(name), self._caller(ctx))
+
+    @_errors_to_errno
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self.volume.rename(
+            parent_inode_old,
+            os.fsdecode(name_old),
+            parent_inode_new,
+            os.fsdecode(name_new),
+            flags,
+            self._caller(ctx),
+        )
+
+    @_errors_to_errno
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = self.volume.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = st.f_bsize
+        out.f_frsize = st.f_frsize
+        out.f_blocks = st.f_blocks
+        out.f_bfree = st.f_bfree
+        out.f_bavail = st.f_bavail
+        out.f_files = st.f_files
+        out.f_ffree = st.f_ffree
+        out.f_favail = st.f_favail
+        out.f_namemax = st.f_namemax
+        return out
+
+    @_errors_to_errno
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> None:
+        groups = set(pyfuse3.get_sup_groups(ctx.pid)) | {ctx.gid}
+        self.volume.access(inode, mode, ctx.uid, groups)
+
+    # ---------------------------------------------------------------------- xattrs
+
+    @_errors_to_errno
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.volume.getxattr(inode, name)
+
+    @_errors_to_errno
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        self.volume.setxattr(inode, name, value)
+
+    @_errors_to_errno
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self.volume.listxattr(inode)
+
+    @_errors_to_errno
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.volume.removexattr(inode, name)
+
+    # ------------------------------------------------------------------ directories
+
+    @_errors_to_errno
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        return self.volume.opendir(inode, self._caller(ctx))
+
+    @_errors_to_errno
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for name, entry, next_id in self.volume.readdir(fh, start_id):
+            if entry is None:  # "." and "..": reported, never counted
+                dot = _fill(self.volume.dot_entry(fh, name))
+                if not pyfuse3.readdir_reply(token, os.fsencode(name), dot, next_id):
+                    break
+                continue
+            if pyfuse3.readdir_reply(token, os.fsencode(name), _fill(entry), next_id):
+                self.volume.confirm(entry)
+            else:
+                self.volume.discard(entry)
+                break
+
+    @_errors_to_errno
+    async def releasedir(self, fh: int) -> None:
+        self.volume.releasedir(fh)
+
+    @_errors_to_errno
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.volume.fsyncdir(fh, datasync)
+
+    # ------------------------------------------------------------------------ files
+
+    @_errors_to_errno
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        fh, keep_cache = await self.volume.open(inode, flags, self._caller(ctx))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+
+    @_errors_to_errno
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, entry = await self.volume.create(
+            parent_inode, os.fsdecode(name), mode, flags, self._caller(ctx)
+        )
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), _fill(entry)
+
+    @_errors_to_errno
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.volume.read(fh, off, size)
+
+    @_errors_to_errno
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.volume.write(fh, off, buf)
+
+    @_errors_to_errno
+    async def flush(self, fh: int) -> None:
+        await self.volume.flush(fh)
+
+    @_errors_to_errno
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.volume.fsync(fh, datasync)
+
+    @_errors_to_errno
+    async def release(self, fh: int) -> None:
+        await self.volume.release(fh)

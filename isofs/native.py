@@ -1,0 +1,163 @@
+"""Native I/O relative to directory descriptors.
+
+Every native file is reached through *at() calls on an O_PATH descriptor of its parent (or of
+itself), never through a joined absolute path: names close to NAME_MAX and trees deeper than
+PATH_MAX work, and an in-place mount (source == mount point) reaches the covered directory
+through the descriptor it opened before mounting. The few calls Python's `os` module cannot
+aim at an O_PATH descriptor (fchownat/utimensat with AT_EMPTY_PATH, renameat2) go through
+libc with ctypes. Everything here is blocking and knows nothing of FUSE or views.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from dataclasses import dataclass
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = 0x100
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+UTIME_OMIT = (1 << 30) - 2
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def proc_path(fd: int) -> str:
+    """The magic /proc link that reopens or follows an O_PATH descriptor."""
+    return f"/proc/self/fd/{fd}"
+
+
+@dataclass(frozen=True, slots=True)
+class Validators:
+    """What tells us a native file changed behind our back."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Validators:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def open_path(dir_fd: int, name: str) -> int:
+    """An O_PATH handle on `name` in `dir_fd`, not following a final symlink."""
+    return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+
+
+def stat_at(dir_fd: int, name: str) -> os.stat_result:
+    return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def fstat(fd: int) -> os.stat_result:
+    return os.stat(fd)
+
+
+def reopen(path_fd: int, flags: int) -> int:
+    """Open the file behind an O_PATH descriptor for I/O with `flags`."""
+    return os.open(proc_path(path_fd), (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC)
+
+
+def readlink(path_fd: int) -> bytes:
+    return os.readlink(b"", dir_fd=path_fd)
+
+
+def chmod(path_fd: int, mode: int) -> None:
+    os.chmod(proc_path(path_fd), stat.S_IMODE(mode))
+
+
+def chown(path_fd: int, uid: int, gid: int) -> None:
+    """Change owner; -1 leaves one unchanged. Works on symlinks too."""
+    _check(
+        _libc.fchownat(path_fd, b"", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW),
+        "fchownat",
+    )
+
+
+def chown_at(dir_fd: int, name: str, uid: int, gid: int) -> None:
+    os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def set_times(path_fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
+    """utimensat on the file itself (symlinks included); None leaves a time unchanged."""
+
+    def spec(ns: int | None) -> _Timespec:
+        if ns is None:
+            return _Timespec(0, UTIME_OMIT)
+        return _Timespec(*divmod(ns, 1_000_000_000))
+
+    times = (_Timespec * 2)(spec(atime_ns), spec(mtime_ns))
+    _check(
+        _libc.utimensat(path_fd, b"", times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW),
+        "utimensat",
+    )
+
+
+def truncate(path_fd: int, size: int) -> None:
+    os.truncate(proc_path(path_fd), size)
+
+
+def rename(
+    old_dir_fd: int, old_name: str, new_dir_fd: int, new_name: str, flags: int = 0
+) -> None:
+    """renameat2: RENAME_NOREPLACE and RENAME_EXCHANGE are passed to the kernel."""
+    if flags == 0:
+        os.rename(old_name, new_name, src_dir_fd=old_dir_fd, dst_dir_fd=new_dir_fd)
+        return
+    _check(
+        _libc.renameat2(
+            old_dir_fd, os.fsencode(old_name), new_dir_fd, os.fsencode(new_name), flags
+        ),
+        "renameat2",
+    )
+
+
+def link(path_fd: int, new_dir_fd: int, new_name: str) -> None:
+    """Hard-link the file behind an O_PATH descriptor (no CAP_DAC_READ_SEARCH needed)."""
+    os.link(proc_path(path_fd), new_name, dst_dir_fd=new_dir_fd, follow_symlinks=True)
+
+
+def list_names(path_fd: int) -> list[str]:
+    """Names in a directory (without . and ..), read through a fresh descriptor."""
+    fd = reopen(path_fd, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return os.listdir(fd)
+    finally:
+        os.close(fd)
+
+
+def xattr_target(path_fd: int, is_symlink: bool) -> str:
+    """Path that xattr calls can use; symlinks carry no user xattrs here."""
+    if is_symlink:
+        raise OSError(errno.ENOTSUP, "xattrs on symlinks are not supported")
+    return proc_path(path_fd)
+
+
+def raise_fd_limit() -> int:
+    """Lift RLIMIT_NOFILE to its hard limit: every remembered inode holds an O_PATH fd."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard
+        if hard == resource.RLIM_INFINITY:
+            target = 1 << 20
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        except (ValueError, OSError):
+            return soft
+    return soft

@@ -1,0 +1,176 @@
+"""The provider API that transformation plugins implement, and their registry.
+
+A provider is a *pure layer*: it turns a lower random-access file into an upper logical
+file. Layers compose (the upper file of one layer is the lower file of the next), so a
+source's stack such as dedup -> compress -> encrypt is just nested `open` calls. Providers
+know nothing of FUSE, policies, views or the page cache; their methods are blocking and are
+called from worker threads, one file at a time under the section lock.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+ENTRY_POINT_GROUP = "isofs.providers"
+
+
+class ProviderError(Exception):
+    """A provider cannot be set up or loaded (bad key, bad config); one-line message."""
+
+
+class CorruptData(OSError):
+    """Native bytes fail verification (tampered, truncated, torn). Maps to EIO."""
+
+    def __init__(self, message: str) -> None:
+        import errno
+
+        super().__init__(errno.EIO, message)
+
+
+class RandomAccessFile(Protocol):
+    """A file addressed by byte offset: the native file, or the upper file of a layer."""
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Return up to `size` bytes at `offset`; short only at end of file."""
+        ...
+
+    def write(self, offset: int, data: bytes) -> int:
+        """Write all of `data` at `offset` (zero-filling any gap); return len(data)."""
+        ...
+
+    def truncate(self, size: int) -> None:
+        """Set the size; growing reads back as zeros."""
+        ...
+
+    def size(self) -> int:
+        """Current size in bytes."""
+        ...
+
+    def flush(self) -> None:
+        """Push buffered state down to the lower file (not necessarily to stable storage)."""
+        ...
+
+
+class Layer(abc.ABC):
+    """One configured provider of a source's stack, able to open files in its format."""
+
+    #: Logical block size the page cache should align to (1 for byte-granular layers).
+    block_size: int = 4096
+
+    @abc.abstractmethod
+    def is_formatted(self, lower: RandomAccessFile) -> bool:
+        """Whether `lower` holds this layer's format (else the file is passed through)."""
+
+    @abc.abstractmethod
+    def open(self, lower: RandomAccessFile) -> RandomAccessFile:
+        """Open an existing formatted file as its logical (upper) file."""
+
+    @abc.abstractmethod
+    def create(self, lower: RandomAccessFile) -> RandomAccessFile:
+        """Format an empty `lower` (write a header) and return its logical file."""
+
+    def logical_size(self, lower_size: int) -> int | None:
+        """Logical size computed from the lower size alone, or None when it cannot be."""
+        return None
+
+    def header_size(self) -> int:
+        """Bytes needed from the start of a file to decide `is_formatted`."""
+        return 0
+
+
+@dataclass
+class SetupRequest:
+    """What `isofs init` asks of a provider: options from the command line, secrets source."""
+
+    options: Mapping[str, Any] = field(default_factory=dict)
+    secrets: SecretSource | None = None
+
+
+class SecretSource(Protocol):
+    """Where a provider gets a passphrase or key without knowing the CLI."""
+
+    def passphrase(self, prompt: str, *, confirm: bool = False) -> bytes: ...
+
+    def master_key(self) -> bytes | None: ...
+
+
+class Provider(abc.ABC):
+    """A provider plugin, registered under the entry-point group `isofs.providers`."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def initialise(cls, meta_dir: Path, request: SetupRequest) -> dict[str, Any]:
+        """Create this provider's state for a new source; return its config (stored as JSON).
+
+        Secret material must be stored wrapped, never in the returned config in clear.
+        """
+        return {}
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, meta_dir: Path, config: Mapping[str, Any], request: SetupRequest) -> Layer:
+        """Build the layer for a mount from the config `initialise` returned."""
+
+
+def available_providers() -> dict[str, Callable[[], type[Provider]]]:
+    """Installed providers by name (loading each is deferred until it is used)."""
+    return {ep.name: ep.load for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_provider(name: str) -> type[Provider]:
+    """The provider class registered as `name`, or ProviderError naming what is installed."""
+    found = available_providers()
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none"
+        raise ProviderError(f"unknown provider {name!r} (installed: {known})")
+    provider = found[name]()
+    if not (isinstance(provider, type) and issubclass(provider, Provider)):
+        raise ProviderError(f"provider {name!r} does not implement isofs.provider.Provider")
+    return provider
+
+
+class Stack:
+    """An ordered stack of layers, lowest (nearest the disk) first."""
+
+    def __init__(self, layers: list[Layer]) -> None:
+        self.layers = layers
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.layers
+
+    @property
+    def block_size(self) -> int:
+        sizes = [layer.block_size for layer in self.layers] or [1]
+        return max(sizes)
+
+    def open(self, native: RandomAccessFile) -> RandomAccessFile | None:
+        """Open `native` through every layer, or None when it is not in the stack's format."""
+        current = native
+        for layer in self.layers:
+            if not layer.is_formatted(current):
+                return None
+            current = layer.open(current)
+        return current
+
+    def create(self, native: RandomAccessFile) -> RandomAccessFile:
+        """Format an empty native file through every layer."""
+        current = native
+        for layer in self.layers:
+            current = layer.create(current)
+        return current
+
+    def logical_size(self, native_size: int) -> int | None:
+        """Logical size from the native size alone, when every layer can compute it."""
+        size: int | None = native_size
+        for layer in self.layers:
+            if size is None:
+                return None
+            size = layer.logical_size(size)
+        return size

@@ -1,0 +1,106 @@
+"""Where live mounts are recorded, and what the kernel says is mounted.
+
+A daemon records itself (pid, source, mount point, log file) in a small JSON file in the
+runtime directory, named after a hash of the mount point, so `isofs umount` and `isofs status`
+find it by mount point alone. The kernel's mount table is the truth about what is mounted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+def runtime_dir() -> Path:
+    """Per-user directory for mount records and default logs (created 0700)."""
+    if os.geteuid() == 0:
+        base = Path("/run/isofs")
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        base = Path(os.environ["XDG_RUNTIME_DIR"]) / "isofs"
+    else:
+        base = Path(f"/tmp/isofs-{os.geteuid()}")
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return base
+
+
+def _mount_id(mountpoint: str) -> str:
+    return hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
+
+
+@dataclass
+class MountRecord:
+    pid: int
+    source: str
+    mountpoint: str
+    log: str
+    control: str
+
+    @staticmethod
+    def paths_for(mountpoint: str) -> tuple[Path, Path, Path]:
+        """(record file, default log file, control socket) for a mount point."""
+        base = runtime_dir() / _mount_id(mountpoint)
+        return base.with_suffix(".json"), base.with_suffix(".log"), base.with_suffix(".sock")
+
+    def save(self) -> None:
+        record, _, _ = self.paths_for(self.mountpoint)
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self)))
+        tmp.replace(record)
+
+    def remove(self) -> None:
+        record, _, _ = self.paths_for(self.mountpoint)
+        with contextlib.suppress(FileNotFoundError):
+            record.unlink()
+
+    @classmethod
+    def load(cls, mountpoint: str) -> MountRecord | None:
+        record, _, _ = cls.paths_for(mountpoint)
+        try:
+            return cls(**json.loads(record.read_text()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+
+
+def _unescape(field: str) -> str:
+    """Undo the octal escapes (\\040 for space...) of /proc/self/mountinfo."""
+    raw = field.encode()
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        if raw[i : i + 1] == b"\\" and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def mounted_filesystems() -> dict[str, str]:
+    """Mount point -> filesystem type, from the kernel's mount table (last mount wins)."""
+    table: dict[str, str] = {}
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) >= 5 and right:
+                table[_unescape(fields[4])] = right.split()[0]
+    return table
+
+
+def is_mounted(path: str) -> bool:
+    return path in mounted_filesystems()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,1 @@
+"""Built-in isofs providers, registered through the `isofs.providers` entry points."""
