@@ -32,8 +32,9 @@ keeps its first identity until it execs. Groups are re-read whenever the request
 differ from the cached ones, which covers the usual privilege drop (setgroups + setuid).
 
 The cache is an LRU bounded by `max_entries`, further capped to a quarter of the soft
-RLIMIT_NOFILE because every entry holds one file descriptor. If no descriptor can be opened
-(EMFILE) the identity is resolved uncached, which is slower but still correct.
+RLIMIT_NOFILE because every entry holds one file descriptor (raise the limit to cache more).
+If the process still runs out of descriptors (EMFILE), half of the cache is dropped to make
+room rather than failing the request.
 
 The daemon must be able to read /proc/PID/exe of the callers (root, or the callers' own
 user); otherwise `exe` and `ancestors` stay empty and exe rules never match. `proc_root`
@@ -43,6 +44,7 @@ must be a procfs of the PID namespace FUSE reports pids in (normally the daemon'
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import resource
 import time
@@ -51,6 +53,7 @@ from dataclasses import dataclass, replace
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+_READ_SIZE = 16384
 _DELETED = " (deleted)"
 _MAX_ANCESTORS = 256
 # errno values meaning "this task is gone / cannot be inspected"; anything else is a bug.
@@ -112,8 +115,11 @@ def _read_at(dir_fd: int, name: str) -> bytes:
     """Read a whole (small) procfs file relative to a pinned directory."""
     fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
     try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
+        data = os.read(fd, _READ_SIZE)
+        if len(data) < _READ_SIZE:
+            return data  # procfs hands out the whole (small) file in one read
+        chunks = [data]
+        while chunk := os.read(fd, _READ_SIZE):
             chunks.append(chunk)
         return b"".join(chunks)
     finally:
@@ -278,11 +284,26 @@ class CallerResolver:
         return caller
 
     def _open_dir(self, pid: int) -> int | None:
-        """Pin /proc/PID; None if the task does not exist."""
+        """Pin /proc/PID; None if the task does not exist.
+
+        Out of descriptors, the oldest half of the cache (the daemon's likely biggest user
+        of them) is given back and the open retried once; a second failure propagates.
+        """
         if pid <= 0:
             return None
+        path = f"{self._proc}/{pid}"
         try:
-            return os.open(f"{self._proc}/{pid}", _DIR_FLAGS)
+            return os.open(path, _DIR_FLAGS)
+        except _GONE:
+            return None
+        except OSError as e:
+            if e.errno not in (errno.EMFILE, errno.ENFILE) or not self._cache:
+                raise
+        for _ in range(len(self._cache) // 2 + 1):
+            _old, entry = self._cache.popitem(last=False)
+            os.close(entry.fd)
+        try:
+            return os.open(path, _DIR_FLAGS)
         except _GONE:
             return None
 

@@ -257,6 +257,10 @@ class EncryptedFile:
     def truncate(self, size: int) -> None:
         if size < 0:
             raise ValueError("negative size")
+        if size == 0:
+            # Needs no valid layout, so O_TRUNC can always reset a corrupt file.
+            self._lower.truncate(HEADER_SIZE)
+            return
         total = self.size()
         if size > total:
             self._grow(total, size)
@@ -717,6 +721,7 @@ class EncryptProvider(Provider):
     @classmethod
     def initialise(cls, meta_dir: Path, request: SetupRequest) -> dict[str, Any]:
         options = request.options
+        Path(meta_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
         path = Path(meta_dir) / KEYSTORE_NAME
         if path.exists():
             raise ProviderError(f"encrypt: {KEYSTORE_NAME} already exists; refusing to replace it")

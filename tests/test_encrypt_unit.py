@@ -293,7 +293,7 @@ operations = st.lists(
 
 
 @settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
 )
 @given(ops=operations, allow_holes=st.booleans())
 def test_model_equivalence(ops: list[tuple[str, int, object]], allow_holes: bool) -> None:
@@ -417,6 +417,16 @@ def test_native_truncation() -> None:
     assert not layer.is_formatted(lower)
     with pytest.raises(CorruptData, match="header truncated"):
         layer.open(lower)
+
+
+def test_truncate_to_zero_resets_a_corrupt_file() -> None:
+    _layer, lower, upper, _data = five_blocks()
+    lower.truncate(HDR + NB + 5)
+    with pytest.raises(CorruptData):
+        upper.write(0, b"x")
+    upper.truncate(0)
+    upper.write(0, b"fresh")
+    assert upper.read(0, 100) == b"fresh"
 
 
 def test_create_refuses_non_empty_lower() -> None:

@@ -807,7 +807,7 @@ async def drive(programs: list[list[list[Op]]], data: st.DataObject) -> None:
 
 
 @settings(
-    max_examples=150,
+    max_examples=300,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
