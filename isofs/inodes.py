@@ -154,7 +154,7 @@ class InodeTable:
         inode.lookups[code] = inode.lookups.get(code, 0) + count
 
     def forget(self, nodeid: int, count: int) -> Inode | None:
-        """Drop `count` kernel references; return the inode if it was released."""
+        """Drop `count` kernel references of a nodeid; return its inode (if still known)."""
         number, code = split_nodeid(nodeid)
         inode = self._by_number.get(number)
         if inode is None:
@@ -164,7 +164,7 @@ class InodeTable:
             inode.lookups[code] = remaining
         else:
             inode.lookups.pop(code, None)
-        return inode if self.release_if_unused(inode) else None
+        return inode
 
     def release_if_unused(self, inode: Inode) -> bool:
         """Close the O_PATH handle of an inode no one references any more."""

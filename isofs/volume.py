@@ -12,11 +12,20 @@ import itertools
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from isofs import native
+from isofs.callers import CallerResolver
 from isofs.inodes import CODE_VIEWS, SHARED, VIEW_CODES, Inode, InodeTable, make_nodeid
+from isofs.pagecache import PageCache, page_size_for
+from isofs.policy import VIEW_NATIVE, Policy
+from isofs.provider import Stack
+from isofs.sections import NativeFile, Section, in_thread
+
+if TYPE_CHECKING:
+    from isofs.sizecache import SizeCache
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +76,14 @@ class Caller:
 
 @dataclass(eq=False, slots=True)
 class FileHandle:
+    """An open file: native I/O on `fd`, or through `section` for a transformed view."""
+
     inode: Inode
     view: str
     code: int
     fd: int
     flags: int
+    section: Section | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -92,14 +104,53 @@ class Counters:
     bytes_written: int = 0
 
 
+class _NoSizeCache:
+    """Stands in when a volume keeps no size cache: every query is a miss."""
+
+    def get(self, key: tuple[int, int], validators: native.Validators) -> None:
+        return None
+
+    def put(self, *args: object) -> None:
+        pass
+
+    def put_not_formatted(self, *args: object) -> None:
+        pass
+
+
 class Volume:
     """One mounted source: the inode table, open handles and the views it serves."""
 
-    def __init__(self, root_fd: int) -> None:
+    def __init__(
+        self,
+        root_fd: int,
+        *,
+        stack: Stack | None = None,
+        policy: Policy | None = None,
+        resolver: CallerResolver | None = None,
+        cache: PageCache | None = None,
+        sizes: SizeCache | None = None,
+        invalidate: Callable[[int], None] | None = None,
+    ) -> None:
         self.inodes = InodeTable(root_fd)
-        self.single_view: str | None = "native"
+        self.stack = stack or Stack([])
+        self.policy = policy or Policy()
+        self.resolver = resolver
+        self.cache = cache or PageCache()
+        self.sizes: Any = sizes if sizes is not None else _NoSizeCache()
+        self.page_size = page_size_for(self.stack.block_size)
+        #: Called with a nodeid whose kernel caches are stale; must not block the caller.
+        self.invalidate = invalidate or (lambda nodeid: None)
+        views = self.policy.views
+        self.single_view: str | None = next(iter(views)) if len(views) == 1 else None
+        if self.single_view is None and resolver is None:
+            raise ValueError("a policy with several views needs a caller resolver")
+        #: Whether a regular file gets one nodeid per view (bytes differ between views).
+        self.per_view_files = self.single_view is None and not self.stack.is_identity
         self.is_root_daemon = os.geteuid() == 0
         self.counters = Counters()
+        self.view_requests: dict[str, int] = dict.fromkeys(views, 0)
+        self.sections: dict[tuple[int, str], Section] = {}
+        self._next_section = itertools.count(1)
         self._handles: dict[int, FileHandle] = {}
         self._dir_handles: dict[int, DirHandle] = {}
         self._next_fh = itertools.count(1)
@@ -110,29 +161,73 @@ class Volume:
         """The view of the process behind a request (free when the mount has one view)."""
         if self.single_view is not None:
             return self.single_view
-        raise NotImplementedError
+        assert self.resolver is not None
+        view = self.policy.view_for(self.resolver.resolve(pid, uid, gid))
+        self.view_requests[view] += 1
+        return view
 
     def is_multi_view(self, inode: Inode) -> bool:
         """Whether this file's bytes can differ between views (then: one nodeid per view)."""
-        return False
+        return self.per_view_files and inode.is_regular
+
+    def transforms(self, view: str) -> bool:
+        """Whether `view` shows the stack's upper files rather than native bytes."""
+        return view != VIEW_NATIVE and not self.stack.is_identity
 
     def _code_for(self, inode: Inode, view: str) -> int:
         return VIEW_CODES[view] if self.is_multi_view(inode) else SHARED
 
     def attributes(self, inode: Inode, st: os.stat_result, view: str) -> Attributes:
+        size = st.st_size
+        if inode.is_regular and self.transforms(view):
+            size = self.logical_size(inode, st, view)
         return Attributes(
             mode=st.st_mode,
             nlink=st.st_nlink,
             uid=st.st_uid,
             gid=st.st_gid,
             rdev=st.st_rdev,
-            size=st.st_size,
+            size=size,
             blocks=st.st_blocks,
             blksize=st.st_blksize,
             atime_ns=st.st_atime_ns,
             mtime_ns=st.st_mtime_ns,
             ctime_ns=st.st_ctime_ns,
         )
+
+    def logical_size(self, inode: Inode, st: os.stat_result, view: str) -> int:
+        """The size a transformed view shows, without opening the file when avoidable.
+
+        Order: a live section (it knows about pending writes), the size cache validated by
+        the native (size, mtime, ctime), and only then the file itself, whose answer is cached.
+        """
+        validators = native.Validators.of(st)
+        section = self.sections.get((inode.number, view))
+        if section is not None and (section.dirty or section.validators == validators):
+            return section.size
+        cached = self.sizes.get(inode.key, validators)
+        if cached is not None:
+            return st.st_size if cached.not_formatted else cached.size
+        size = self._measure(inode, st)
+        if size is None:
+            self.sizes.put_not_formatted(inode.key, validators)
+            return st.st_size
+        self.sizes.put(inode.key, validators, size)
+        return size
+
+    def _measure(self, inode: Inode, st: os.stat_result) -> int | None:
+        """Logical size by reading the file's header; None when it is not formatted."""
+        if st.st_size == 0:
+            return None
+        fd = native.reopen(inode.path_fd, os.O_RDONLY)
+        try:
+            upper = self.stack.open(NativeFile(fd))
+            return None if upper is None else upper.size()
+        except OSError as exc:
+            log.error("cannot read the size of inode %d: %s", inode.number, exc)
+            return st.st_size
+        finally:
+            os.close(fd)
 
     def _entry(self, inode: Inode, st: os.stat_result, view: str) -> Entry:
         code = self._code_for(inode, view)
@@ -164,7 +259,9 @@ class Volume:
         return self._remember_entry(parent, name, caller.view)
 
     def forget(self, nodeid: int, count: int) -> None:
-        self.inodes.forget(nodeid, count)
+        inode = self.inodes.forget(nodeid, count)
+        if inode is not None:
+            self._release_inode(inode)
 
     def getattr(self, nodeid: int, caller_view: str | None = None) -> Entry:
         inode, code = self.inodes.by_nodeid(nodeid)
@@ -191,7 +288,8 @@ class Volume:
         fh: int | None = None,
         caller_view: str | None = None,
     ) -> Entry:
-        inode, _ = self.inodes.by_nodeid(nodeid)
+        inode, code = self.inodes.by_nodeid(nodeid)
+        view = self._view_of(code, caller_view)
         if mode is not None:
             if inode.is_symlink:
                 raise OSError(errno.EOPNOTSUPP, "chmod of a symlink")
@@ -199,20 +297,21 @@ class Volume:
         if uid is not None or gid is not None:
             native.chown(inode.path_fd, -1 if uid is None else uid, -1 if gid is None else gid)
         if size is not None:
-            self._truncate(inode, size, fh)
+            await self._truncate(inode, view, size)
         if atime_ns is not None or mtime_ns is not None:
             native.set_times(inode.path_fd, atime_ns, mtime_ns)
         return self.getattr(nodeid, caller_view)
 
-    def _truncate(self, inode: Inode, size: int, fh: int | None) -> None:
+    async def _truncate(self, inode: Inode, view: str, size: int) -> None:
         if not inode.is_regular:
             raise OSError(errno.EISDIR if inode.is_dir else errno.EINVAL, "truncate")
-        handle = self._handles.get(fh) if fh is not None else None
-        if handle is not None:
-            os.ftruncate(handle.fd, size)
+        section = await self._section(inode, view, writable=True) if self.transforms(view) else None
+        if section is not None:
+            await section.truncate(size)
         else:
+            await self._before_native_change(inode)
             native.truncate(inode.path_fd, size)
-        inode.validators = native.Validators.of(native.fstat(inode.path_fd))
+        self._after_change(inode, view)
 
     def readlink(self, nodeid: int) -> bytes:
         inode, _ = self.inodes.by_nodeid(nodeid)
@@ -376,12 +475,12 @@ class Volume:
 
     def discard(self, entry: Entry) -> None:
         """The kernel refused a readdirplus entry: release it if nothing else holds it."""
-        self.inodes.release_if_unused(entry.inode)
+        self._release_inode(entry.inode)
 
     def releasedir(self, fh: int) -> None:
         handle = self._dir_handles.pop(fh)
         handle.inode.open_handles -= 1
-        self.inodes.release_if_unused(handle.inode)
+        self._release_inode(handle.inode)
 
     def fsyncdir(self, fh: int, datasync: bool) -> None:
         handle = self._dir_handles[fh]
@@ -393,15 +492,19 @@ class Volume:
 
     # ----------------------------------------------------------------------------- files
 
-    def _new_handle(self, inode: Inode, view: str, code: int, fd: int, flags: int) -> int:
+    def _new_handle(
+        self, inode: Inode, view: str, code: int, fd: int, flags: int, section: Section | None
+    ) -> int:
         fh = next(self._next_fh)
         inode.open_handles += 1
-        self._handles[fh] = FileHandle(inode, view, code, fd, flags)
+        if section is not None:
+            section.handles += 1
+        self._handles[fh] = FileHandle(inode, view, code, fd, flags, section)
         return fh
 
-    def _keep_kernel_cache(self, inode: Inode, fd: int) -> bool:
+    def _keep_kernel_cache(self, inode: Inode, st: os.stat_result) -> bool:
         """Keep the kernel's cached pages only if the native file is unchanged since."""
-        current = native.Validators.of(os.fstat(fd))
+        current = native.Validators.of(st)
         unchanged = inode.validators == current
         inode.validators = current
         return unchanged
@@ -411,15 +514,96 @@ class Volume:
         # The kernel computes append offsets itself; O_APPEND natively would ignore them.
         return flags & ~(os.O_APPEND | os.O_NOFOLLOW)
 
+    # ---------------------------------------------------------------------- sections
+
+    async def _section(self, inode: Inode, view: str, *, writable: bool) -> Section | None:
+        """The section of (inode, view), built on first use; None if the file is not formatted.
+
+        An empty native file is formatted on its first writable open through a transformed
+        view: it has no content to pass through, and new data must not land in clear.
+        """
+        key = (inode.number, view)
+        section = self.sections.get(key)
+        if section is not None:
+            if section.native_changed() and not await section.reload(self.stack):
+                self._drop_section(key)
+                return None
+            return section
+        fd = self._open_native_rw(inode)
+        try:
+            lower = NativeFile(fd)
+            upper = await in_thread(self.stack.open, lower)
+            if upper is None and writable and lower.size() == 0:
+                upper = await in_thread(self.stack.create, lower)
+        except BaseException:
+            os.close(fd)
+            raise
+        if upper is None:
+            os.close(fd)
+            return None
+        if key in self.sections:  # another request built it while we were in a thread
+            os.close(fd)
+            return self.sections[key]
+        label = f"inode {inode.number} ({view})"
+        section = Section(next(self._next_section), fd, upper, self.cache, self.page_size, label)
+        self.sections[key] = section
+        return section
+
+    def _open_native_rw(self, inode: Inode) -> int:
+        try:
+            return native.reopen(inode.path_fd, os.O_RDWR)
+        except PermissionError:
+            return native.reopen(inode.path_fd, os.O_RDONLY)
+
+    def _drop_section(self, key: tuple[int, str]) -> None:
+        section = self.sections.pop(key, None)
+        if section is not None:
+            if section.dirty:
+                log.error("%s: dropping unwritten pages", section.label)
+            section.close()
+
+    async def _before_native_change(self, inode: Inode) -> None:
+        """Write back transformed views' pending pages before native bytes change under them."""
+        for (number, _view), section in list(self.sections.items()):
+            if number == inode.number:
+                await section.flush()
+
+    def _after_change(self, inode: Inode, view: str) -> None:
+        """Native bytes of `inode` changed through `view`: make every other view fresh."""
+        inode.validators = native.Validators.of(native.fstat(inode.path_fd))
+        for (number, section_view), section in list(self.sections.items()):
+            if number == inode.number and section_view != view and not section.dirty:
+                section.validators = native.Validators(-1, -1, -1)  # reload on next use
+        own = make_nodeid(inode.number, VIEW_CODES[view]) if self.is_multi_view(inode) else None
+        for nodeid in inode.nodeids():
+            if nodeid != own and self.is_multi_view(inode):
+                self.invalidate(nodeid)
+
+    # ------------------------------------------------------------------------- files
+
     async def open(self, nodeid: int, flags: int, caller: Caller) -> tuple[int, bool]:
         """Open a file; returns (fh, keep_cache)."""
         inode, code = self.inodes.by_nodeid(nodeid)
         view = self._view_of(code, caller.view)
         if code != SHARED and view != caller.view:
             raise OSError(errno.EACCES, "file was opened through another view")
+        writable = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        section = None
+        if inode.is_regular and self.transforms(view):
+            section = await self._section(inode, view, writable=writable)
+        if section is not None:
+            if flags & os.O_TRUNC:
+                await section.truncate(0)
+                self._after_change(inode, view)
+            keep = self._keep_kernel_cache(inode, native.fstat(inode.path_fd))
+            return self._new_handle(inode, view, code, -1, flags, section), keep
+        if flags & os.O_TRUNC:
+            await self._before_native_change(inode)
         fd = native.reopen(inode.path_fd, self._native_flags(flags))
-        keep = self._keep_kernel_cache(inode, fd)
-        return self._new_handle(inode, view, code, fd, flags), keep
+        if flags & os.O_TRUNC:
+            self._after_change(inode, view)
+        keep = self._keep_kernel_cache(inode, os.fstat(fd))
+        return self._new_handle(inode, view, code, fd, flags, None), keep
 
     async def create(
         self, parent_nodeid: int, name: str, mode: int, flags: int, caller: Caller
@@ -438,8 +622,16 @@ class Volume:
         except BaseException:
             os.close(fd)
             raise
-        entry.inode.validators = native.Validators.of(os.fstat(fd))
-        return self._new_handle(entry.inode, caller.view, entry.code, fd, flags), entry
+        inode = entry.inode
+        section = None
+        if self.transforms(caller.view):
+            os.close(fd)
+            fd = -1
+            section = await self._section(inode, caller.view, writable=True)
+            entry = self._entry(inode, native.fstat(inode.path_fd), caller.view)
+        inode.validators = native.Validators.of(native.fstat(inode.path_fd))
+        fh = self._new_handle(inode, caller.view, entry.code, fd, flags, section)
+        return fh, entry
 
     def handle(self, fh: int) -> FileHandle:
         try:
@@ -449,41 +641,79 @@ class Volume:
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self.handle(fh)
-        data = os.pread(handle.fd, size, offset)
+        if handle.section is not None:
+            data = await handle.section.read(offset, size)
+        else:
+            data = os.pread(handle.fd, size, offset)
         self.counters.reads += 1
         self.counters.bytes_read += len(data)
         return data
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self.handle(fh)
-        written = os.pwrite(handle.fd, data, offset)
-        handle.inode.validators = native.Validators.of(os.fstat(handle.fd))
+        if handle.section is not None:
+            written = await handle.section.write(offset, data)
+        else:
+            if self.sections:
+                await self._before_native_change(handle.inode)
+            written = os.pwrite(handle.fd, data, offset)
+            self._after_change(handle.inode, handle.view)
         self.counters.writes += 1
         self.counters.bytes_written += written
         return written
 
     async def flush(self, fh: int) -> None:
-        self.handle(fh)
+        handle = self.handle(fh)
+        if handle.section is not None and await handle.section.flush():
+            self._after_change(handle.inode, handle.view)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.handle(fh)
-        (os.fdatasync if datasync else os.fsync)(handle.fd)
+        if handle.section is not None:
+            wrote = handle.section.dirty
+            await handle.section.fsync(datasync)
+            if wrote:
+                self._after_change(handle.inode, handle.view)
+        else:
+            (os.fdatasync if datasync else os.fsync)(handle.fd)
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
         try:
-            handle.inode.validators = native.Validators.of(os.fstat(handle.fd))
+            if handle.section is not None:
+                handle.section.handles -= 1
+                if await handle.section.flush():
+                    self._after_change(handle.inode, handle.view)
+            else:
+                handle.inode.validators = native.Validators.of(os.fstat(handle.fd))
         finally:
-            os.close(handle.fd)
+            if handle.fd >= 0:
+                os.close(handle.fd)
             handle.inode.open_handles -= 1
-            self.inodes.release_if_unused(handle.inode)
+            self._release_inode(handle.inode)
+
+    def _release_inode(self, inode: Inode) -> None:
+        """Close an inode nobody references, with its sections (already written back)."""
+        if self.inodes.release_if_unused(inode):
+            for key in [k for k in self.sections if k[0] == inode.number]:
+                self._drop_section(key)
+
+    async def flush_all(self) -> None:
+        """Write back every section (periodically and before unmount)."""
+        for (number, view), section in list(self.sections.items()):
+            if await section.flush():
+                inode = self.inodes.get(number)
+                self._after_change(inode, view)
 
     # --------------------------------------------------------------------------- teardown
 
     def close(self) -> None:
         """Close every handle and the inode table (after unmount)."""
         for handle in self._handles.values():
-            os.close(handle.fd)
+            if handle.fd >= 0:
+                os.close(handle.fd)
         self._handles.clear()
+        for key in list(self.sections):
+            self._drop_section(key)
         self._dir_handles.clear()
         self.inodes.close_all()

@@ -1,0 +1,266 @@
+"""Sections: the shadow object of one (file, transformed view).
+
+A section owns what a view of a file needs to be right on every path: the logical size, a
+reader/writer lock, the upper file (the provider stack opened over the native file), and its
+pages in the page cache. All handles of one (file, view) share it, so read(), mmap write-back
+and stat agree. Provider calls run in worker threads (AES-GCM and zstd release the GIL) and
+only under the section lock: shared for reads, exclusive for writes, truncate and write-back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import trio
+
+from isofs import native
+from isofs.locks import ResourceLock
+from isofs.pagecache import PageCache
+from isofs.provider import RandomAccessFile, Stack
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class NativeFile:
+    """The native file as the lowest `RandomAccessFile` of a stack (thread-safe pread/pwrite)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    def write(self, offset: int, data: bytes) -> int:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+        return done
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def flush(self) -> None:
+        """Nothing is buffered here; durability is fsync's job."""
+
+
+async def in_thread(function: Callable[..., T], *args: object) -> T:
+    """Run blocking provider or disk work on a worker thread, keeping the loop free."""
+    return await trio.to_thread.run_sync(function, *args)
+
+
+class Section:
+    """One (file, view) with transformed bytes."""
+
+    def __init__(
+        self,
+        section_id: int,
+        native_fd: int,
+        upper: RandomAccessFile,
+        cache: PageCache,
+        page_size: int,
+        label: str,
+    ) -> None:
+        self.id = section_id
+        self.native_fd = native_fd
+        self.upper = upper
+        self.cache = cache
+        self.page_size = page_size
+        self.label = label
+        self.lock = ResourceLock()
+        self.size = upper.size()
+        #: Logical size of what the upper file holds (without pending dirty pages).
+        self.stored_size = self.size
+        self.validators = native.Validators.of(os.fstat(native_fd))
+        self.handles = 0
+
+    # --------------------------------------------------------------------- reading
+
+    async def read(self, offset: int, size: int) -> bytes:
+        async with self.lock.shared():
+            return await self._read_locked(offset, size)
+
+    async def _read_locked(self, offset: int, size: int) -> bytes:
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return b""
+        pages = await self._pages(offset // self.page_size, (end - 1) // self.page_size)
+        first = offset // self.page_size * self.page_size
+        joined = b"".join(pages) if len(pages) > 1 else bytes(pages[0])
+        return joined[offset - first : end - first]
+
+    async def _pages(self, first: int, last: int) -> list[bytearray]:
+        """Pages first..last, loading each missing run with one provider read."""
+        found: dict[int, bytearray] = {}
+        missing: list[int] = []
+        for index in range(first, last + 1):
+            page = self.cache.get(self.id, index)
+            if page is None:
+                missing.append(index)
+            else:
+                found[index] = page
+        for start, count in _runs(missing):
+            for index, page in zip(
+                range(start, start + count), await self._load(start, count), strict=True
+            ):
+                found[index] = page
+        return [found[index] for index in range(first, last + 1)]
+
+    async def _load(self, start: int, count: int) -> list[bytearray]:
+        """Read pages from the provider (zeros past the stored size) and cache them clean."""
+        size = self.page_size
+        offset = start * size
+        length = max(0, min(count * size, self.stored_size - offset))
+        data = await in_thread(self.upper.read, offset, length) if length else b""
+        pages = []
+        for i in range(count):
+            page = bytearray(data[i * size : (i + 1) * size])
+            if len(page) < size:
+                page.extend(bytes(size - len(page)))
+            # Another task may have filled or dirtied it while we were in the thread.
+            current = self.cache.peek(self.id, start + i)
+            if current is not None:
+                pages.append(current)
+                continue
+            self.cache.put(self.id, start + i, page)
+            pages.append(page)
+        return pages
+
+    # --------------------------------------------------------------------- writing
+
+    async def write(self, offset: int, data: bytes) -> int:
+        async with self.lock.exclusive():
+            await self._write_locked(offset, data)
+            if self.cache.over_dirty_limit():
+                await self._write_back_locked()
+        return len(data)
+
+    async def _write_locked(self, offset: int, data: bytes) -> None:
+        if not data:
+            return
+        size = self.page_size
+        end = offset + len(data)
+        first, last = offset // size, (end - 1) // size
+        # Edge pages that are only partly overwritten need their old bytes first.
+        edges = {first} if offset % size else set()
+        if end % size:
+            edges.add(last)
+        for index in sorted(edges):
+            if self.cache.peek(self.id, index) is None and index * size < self.stored_size:
+                await self._load(index, 1)
+        source = memoryview(data)
+        for index in range(first, last + 1):
+            page_start = index * size
+            lo = max(offset, page_start)
+            hi = min(end, page_start + size)
+            page = self.cache.peek(self.id, index)
+            if page is None:
+                page = bytearray(size)
+                self.cache.put(self.id, index, page, dirty=True)
+            else:
+                self.cache.mark_dirty(self.id, index)
+            page[lo - page_start : hi - page_start] = source[lo - offset : hi - offset]
+        self.size = max(self.size, end)
+
+    async def truncate(self, new_size: int) -> None:
+        async with self.lock.exclusive():
+            await self._truncate_locked(new_size)
+
+    async def _truncate_locked(self, new_size: int) -> None:
+        size = self.page_size
+        if new_size < self.size:
+            boundary = new_size // size
+            keep_from = boundary + 1 if new_size % size else boundary
+            self.cache.drop(self.id, keep_from)
+            page = self.cache.peek(self.id, boundary) if new_size % size else None
+            if page is not None:  # later growth must read zeros, not the old tail
+                page[new_size % size :] = bytes(size - new_size % size)
+        await in_thread(self.upper.truncate, new_size)
+        self.stored_size = new_size
+        self.size = new_size
+        self._refresh_validators()
+
+    # ------------------------------------------------------------------ write-back
+
+    @property
+    def dirty(self) -> bool:
+        return self.cache.has_dirty(self.id)
+
+    async def flush(self) -> bool:
+        """Write dirty pages back to the provider; True if anything was written."""
+        if not self.dirty:
+            return False
+        async with self.lock.exclusive():
+            return await self._write_back_locked()
+
+    async def _write_back_locked(self) -> bool:
+        indexes = self.cache.dirty_indexes(self.id)
+        if not indexes:
+            return False
+        size = self.page_size
+        for start, count in _runs(indexes):
+            offset = start * size
+            end = min((start + count) * size, self.size)
+            if end <= offset:
+                self.cache.mark_clean(self.id, list(range(start, start + count)))
+                continue
+            pages = [self.cache.peek(self.id, i) for i in range(start, start + count)]
+            blob = b"".join(p for p in pages if p is not None)[: end - offset]
+            await in_thread(self.upper.write, offset, blob)
+            self.stored_size = max(self.stored_size, end)
+            self.cache.mark_clean(self.id, list(range(start, start + count)))
+        await in_thread(self.upper.flush)
+        self._refresh_validators()
+        return True
+
+    async def fsync(self, datasync: bool) -> None:
+        await self.flush()
+        await in_thread(os.fdatasync if datasync else os.fsync, self.native_fd)
+
+    # ------------------------------------------------------------------- coherence
+
+    def _refresh_validators(self) -> None:
+        self.validators = native.Validators.of(os.fstat(self.native_fd))
+
+    def native_changed(self) -> bool:
+        return native.Validators.of(os.fstat(self.native_fd)) != self.validators
+
+    async def reload(self, stack: Stack) -> bool:
+        """Rebuild from the native file after it changed; False if it is no longer formatted.
+
+        Pending dirty pages are written back first (the later writer wins), then every cached
+        page and the size are dropped.
+        """
+        async with self.lock.exclusive():
+            await self._write_back_locked()
+            self.cache.drop(self.id)
+            upper = await in_thread(stack.open, NativeFile(self.native_fd))
+            if upper is None:
+                return False
+            self.upper = upper
+            self.size = self.stored_size = self.upper.size()
+            self._refresh_validators()
+            return True
+
+    def close(self) -> None:
+        """Forget pages and close the native descriptor (after a final flush)."""
+        self.cache.drop(self.id)
+        os.close(self.native_fd)
+
+
+def _runs(indexes: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of sorted page indexes as (start, count)."""
+    runs: list[tuple[int, int]] = []
+    for index in indexes:
+        if runs and runs[-1][0] + runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((index, 1))
+    return runs
