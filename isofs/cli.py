@@ -13,8 +13,14 @@ import sys
 import time
 
 from isofs import runtime
-from isofs.daemon import MountOptions, configure_logging, serve
-from isofs.provider import ProviderError, available_providers
+from isofs.config import ConfigError
+from isofs.daemon import MountError, MountOptions, check_mount, configure_logging, serve
+from isofs.execview import ExecError, join_view_group
+from isofs.pagecache import DEFAULT_BUDGET
+from isofs.policy import KNOWN_VIEWS
+from isofs.provider import ProviderError, SetupRequest, available_providers
+from isofs.secrets import ForwardedSecrets, InteractiveSecrets, receive_secrets, send_secrets
+from isofs.source import init_source, is_initialised, load_stack, meta_dir_of
 
 
 class CommandError(Exception):
@@ -39,7 +45,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-other", action="store_true", help="let other users in (permissions apply)"
     )
     mount.add_argument("--log", dest="log_file", help="daemon log file")
+    views = mount.add_argument_group("views (first matching rule wins)")
+    views.add_argument("--policy", dest="policy_file", metavar="FILE", help="TOML policy file")
+    views.add_argument(
+        "--target", action="append", default=[], metavar="RULE",
+        help="give matching processes the target view, e.g. exe=/usr/bin/vim,uid=1000",
+    )  # fmt: skip
+    views.add_argument(
+        "--ignore", action="append", default=[], metavar="RULE",
+        help="give matching processes the native view (checked before --target)",
+    )  # fmt: skip
+    views.add_argument("--default-view", choices=KNOWN_VIEWS, help="view of unmatched processes")
+    views.add_argument(
+        "--no-exec", dest="exec_views", action="store_false",
+        help="ignore `isofs exec` groups (a one-view policy then skips per-process views)",
+    )  # fmt: skip
+    mount.add_argument(
+        "--cache-size", type=_size, default=DEFAULT_BUDGET, metavar="BYTES",
+        help="page cache budget, e.g. 256M (default 256M)",
+    )  # fmt: skip
+    _add_secret_options(mount)
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    mount.add_argument("--secrets-fd", type=int, help=argparse.SUPPRESS)
+
+    init = commands.add_parser("init", help="record a provider stack for SOURCE")
+    init.add_argument("source")
+    init.add_argument(
+        "--provider", action="append", required=True, metavar="NAME",
+        help="provider to stack (repeat: first is nearest the disk)",
+    )  # fmt: skip
+    init.add_argument("--encrypt-names", action="store_true", help="encrypt: file names too")
+    init.add_argument("--scrypt-n", type=int, help="encrypt: scrypt cost (power of two)")
+    init.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="provider option (for third-party providers)",
+    )  # fmt: skip
+    _add_secret_options(init)
+
+    exec_ = commands.add_parser("exec", help="run a command whose process tree gets a view")
+    exec_.add_argument("--view", required=True, choices=KNOWN_VIEWS)
+    exec_.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     umount = commands.add_parser("umount", help="flush, unmount and wait for the daemon")
     umount.add_argument("mountpoint")
@@ -50,11 +95,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        if text[-1:].upper() in units:
+            return int(float(text[:-1]) * units[text[-1].upper()])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def _add_secret_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("secrets (encrypt)")
+    group.add_argument("--passfile", metavar="FILE", help="read the passphrase from FILE")
+    group.add_argument("--extpass", metavar="CMD", help="run CMD and read the passphrase")
+    group.add_argument("--keyfile", metavar="FILE", help="use FILE's bytes instead of a passphrase")
+    group.add_argument("--masterkey", metavar="HEX", help="unlock with the recovery master key")
+
+
+def _secrets(args: argparse.Namespace) -> InteractiveSecrets:
+    return InteractiveSecrets(args.passfile, args.extpass, args.masterkey)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (CommandError, ProviderError) as exc:
+    except (CommandError, ProviderError, ConfigError, ExecError, MountError) as exc:
         print(f"isofs: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -69,15 +136,31 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         debug=args.debug,
         allow_other=args.allow_other,
         log_file=args.log_file,
+        policy_file=args.policy_file,
+        targets=args.target,
+        ignores=args.ignore,
+        default_view=args.default_view,
+        exec_views=args.exec_views,
+        cache_size=args.cache_size,
+        keyfile=args.keyfile,
     )
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
     options = _mount_options(args)
+    if args.secrets_fd is not None:
+        options.secrets = ForwardedSecrets(receive_secrets(args.secrets_fd))
+    else:
+        options.secrets = _secrets(args)
     if args.foreground:
         configure_logging(options.log_file, options.debug)
         return serve(options, _reporter(args.ready_fd))
-    return _spawn_daemon(args, options)
+    # Fail here, before a daemon exists, on a bad policy or a wrong passphrase.
+    check_mount(options)
+    options.policy()
+    if is_initialised(options.source):
+        load_stack(meta_dir_of(options.source), options.setup_request())
+    return _spawn_daemon(options)
 
 
 def _reporter(ready_fd: int | None):  # type: ignore[no-untyped-def]
@@ -94,32 +177,44 @@ def _reporter(ready_fd: int | None):  # type: ignore[no-untyped-def]
     return report
 
 
-def _spawn_daemon(args: argparse.Namespace, options: MountOptions) -> int:
+def _spawn_daemon(options: MountOptions) -> int:
     """Start the daemon in its own session and wait until it mounted or failed."""
     mountpoint = os.path.realpath(options.mountpoint)
     _, default_log, _ = runtime.MountRecord.paths_for(mountpoint)
     log_file = os.path.abspath(options.log_file) if options.log_file else str(default_log)
     read_end, write_end = os.pipe()
+    given = options.secrets.given if isinstance(options.secrets, InteractiveSecrets) else {}
+    secrets_fd = send_secrets(given)
     command = [
         sys.executable, "-m", "isofs", "mount", "--foreground",
-        "--ready-fd", str(write_end), "--log", log_file,
+        "--ready-fd", str(write_end), "--secrets-fd", str(secrets_fd), "--log", log_file,
+        "--cache-size", str(options.cache_size),
         os.path.abspath(options.source), mountpoint,
     ]  # fmt: skip
-    if options.debug:
-        command.append("--debug")
-    if options.allow_other:
-        command.append("--allow-other")
+    for flag, enabled in (("--debug", options.debug), ("--allow-other", options.allow_other),
+                          ("--no-exec", not options.exec_views)):
+        if enabled:
+            command.append(flag)
+    for flag, value in (("--policy", options.policy_file), ("--default-view", options.default_view),
+                        ("--keyfile", options.keyfile)):
+        if value is not None:
+            command += [flag, os.path.abspath(value) if flag != "--default-view" else value]
+    for rule in options.targets:
+        command += ["--target", rule]
+    for rule in options.ignores:
+        command += ["--ignore", rule]
     with open(log_file, "ab") as log_stream:
         process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
             stdout=log_stream,
             stderr=log_stream,
-            pass_fds=(write_end,),
+            pass_fds=(write_end, secrets_fd),
             start_new_session=True,
             cwd="/",
         )
     os.close(write_end)
+    os.close(secrets_fd)
     with os.fdopen(read_end, "rb") as ready:
         message = ready.read().decode(errors="replace").strip()
     if message == "mounted":
@@ -168,6 +263,44 @@ def _is_zombie(pid: int) -> bool:
         return False
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    options: dict[str, object] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CommandError(f"--option {item!r}: expected KEY=VALUE")
+        options[key] = value
+    options["encrypt_names"] = args.encrypt_names
+    if args.scrypt_n is not None:
+        options["scrypt_n"] = args.scrypt_n
+    if args.keyfile:
+        options["keyfile"] = args.keyfile
+    if args.masterkey:
+        options["masterkey"] = args.masterkey
+    report: dict[str, str] = {}
+    options["_report"] = report
+    init_source(args.source, args.provider, SetupRequest(options=options, secrets=_secrets(args)))
+    print(f"initialised {args.source} with provider stack: {' -> '.join(args.provider)}")
+    if "master_key" in report:
+        print(
+            "Your master key is printed once, here. Keep it offline: with it, the data can be\n"
+            "recovered if the passphrase is lost (isofs mount --masterkey KEY):\n\n"
+            f"    {report['master_key']}\n"
+        )
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise CommandError("exec needs a command: isofs exec --view VIEW -- CMD [ARGS...]")
+    join_view_group(args.view, os.getpid())
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        raise CommandError(f"cannot run {command[0]}: {exc.strerror}") from None
+
+
 def cmd_providers(args: argparse.Namespace) -> int:
     for name, loader in sorted(available_providers().items()):
         try:
@@ -179,4 +312,10 @@ def cmd_providers(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"mount": cmd_mount, "umount": cmd_umount, "providers": cmd_providers}
+_COMMANDS = {
+    "mount": cmd_mount,
+    "umount": cmd_umount,
+    "init": cmd_init,
+    "exec": cmd_exec,
+    "providers": cmd_providers,
+}

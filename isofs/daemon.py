@@ -15,16 +15,29 @@ import signal
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyfuse3
 import trio
 
 from isofs import native
-from isofs.fs import IsoFS
+from isofs.callers import CallerResolver
+from isofs.config import ConfigError, build_policy
+from isofs.execview import exec_rules
+from isofs.fs import IsoFS, KernelInvalidator
+from isofs.pagecache import DEFAULT_BUDGET, PageCache
+from isofs.policy import Policy
+from isofs.provider import ProviderError, SecretSource, SetupRequest, Stack
 from isofs.runtime import MountRecord, is_mounted
+from isofs.sizecache import SizeCache
+from isofs.source import META_DIR_NAME, load_stack
 from isofs.volume import Volume
 
 log = logging.getLogger("isofs")
+
+SIZE_CACHE_NAME = "sizecache.db"
+#: Seconds dirty pages may wait before the daemon writes them back on its own.
+WRITE_BACK_INTERVAL = 5.0
 
 
 class MountError(Exception):
@@ -39,7 +52,25 @@ class MountOptions:
     debug: bool = False
     allow_other: bool = False
     log_file: str | None = None
-    extra: dict[str, object] = field(default_factory=dict)
+    policy_file: str | None = None
+    targets: list[str] = field(default_factory=list)
+    ignores: list[str] = field(default_factory=list)
+    default_view: str | None = None
+    exec_views: bool = True
+    cache_size: int = DEFAULT_BUDGET
+    keyfile: str | None = None
+    secrets: SecretSource | None = None
+
+    def policy(self) -> Policy:
+        """The mount's policy; `isofs exec` groups come first unless disabled."""
+        policy = build_policy(self.policy_file, self.targets, self.ignores, self.default_view)
+        if not self.exec_views:
+            return policy
+        return Policy(rules=exec_rules() + policy.rules, default_view=policy.default_view)
+
+    def setup_request(self) -> SetupRequest:
+        options = {"keyfile": self.keyfile} if self.keyfile else {}
+        return SetupRequest(options=options, secrets=self.secrets)
 
 
 def check_mount(options: MountOptions) -> tuple[str, str]:
@@ -90,30 +121,59 @@ def configure_logging(log_file: str | None, debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+def open_source(options: MountOptions) -> tuple[str, str, int, Path | None, Stack, Policy]:
+    """Everything that can fail before mounting: paths, policy, stack and keys."""
+    source, mountpoint = check_mount(options)
+    policy = options.policy()
+    root_fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        meta_fd = os.open(META_DIR_NAME, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
+    except FileNotFoundError:
+        return source, mountpoint, root_fd, None, Stack([]), policy
+    # Reach the metadata through our descriptor: an in-place mount covers the path.
+    meta_dir = Path(native.proc_path(meta_fd))
+    try:
+        stack = load_stack(meta_dir, options.setup_request())
+    except BaseException:
+        os.close(root_fd)
+        os.close(meta_fd)
+        raise
+    return source, mountpoint, root_fd, meta_dir, stack, policy
+
+
 def serve(options: MountOptions, report: Callable[[str], None]) -> int:
     """Mount and serve until unmounted or signalled. `report` gets "mounted" or an error."""
     try:
-        source, mountpoint = check_mount(options)
-        root_fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except MountError as exc:
+        source, mountpoint, root_fd, meta_dir, stack, policy = open_source(options)
+    except (MountError, ConfigError, ProviderError) as exc:
         report(str(exc))
         return 1
     os.umask(0)  # modes arrive already masked by the kernel; apply them exactly
     native.raise_fd_limit()
-    volume = Volume(root_fd)
+    persistent = meta_dir is not None and not stack.is_identity
+    sizes = SizeCache(meta_dir / SIZE_CACHE_NAME if persistent else None)
+    invalidator = KernelInvalidator()
+    volume = Volume(
+        root_fd,
+        stack=stack,
+        policy=policy,
+        resolver=None if policy.is_single_view else CallerResolver(),
+        cache=PageCache(options.cache_size),
+        sizes=sizes,
+        invalidate=invalidator.submit,
+    )
     operations = IsoFS(volume)
     fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     fuse_options |= {"fsname=isofs", "subtype=isofs"}
     if options.allow_other:
         fuse_options.add("allow_other")
-    if options.debug:
-        fuse_options.add("debug")
     try:
         pyfuse3.init(operations, mountpoint, fuse_options)
     except RuntimeError as exc:
         report(f"cannot mount {options.mountpoint}: {exc}")
-        os.close(root_fd)
+        volume.close()
         return 1
+    invalidator.start()
     _, default_log, control = MountRecord.paths_for(mountpoint)
     record = MountRecord(
         pid=os.getpid(),
@@ -123,32 +183,53 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
         control=str(control),
     )
     record.save()
-    log.info("mounted %s on %s (pid %d)", source, mountpoint, os.getpid())
+    log.info(
+        "mounted %s on %s (pid %d): stack [%s], views %s",
+        source, mountpoint, os.getpid(),
+        ", ".join(type(layer).__name__ for layer in stack.layers),
+        "/".join(sorted(policy.views)),
+    )  # fmt: skip
     report("mounted")
     unmounted = False
     try:
-        unmounted = trio.run(_main_loop)
+        unmounted = trio.run(_main_loop, volume)
     except BaseException:
         log.exception("daemon failed")
         raise
     finally:
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=not unmounted)
+        invalidator.stop()
         volume.close()
+        sizes.close()
         record.remove()
         log.info("unmounted %s", mountpoint)
     return 0
 
 
-async def _main_loop() -> bool:
+async def _main_loop(volume: Volume) -> bool:
     """Serve requests; True when the kernel ended the session (external unmount)."""
     ended_by_kernel = False
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+        nursery.start_soon(_write_back_periodically, volume)
         await pyfuse3.main()
         ended_by_kernel = True
         nursery.cancel_scope.cancel()
+    with trio.CancelScope(shield=True):
+        await volume.flush_all()
     return ended_by_kernel
+
+
+async def _write_back_periodically(volume: Volume) -> None:
+    """Bound how long written data waits in the page cache, and persist learned sizes."""
+    while True:
+        await trio.sleep(WRITE_BACK_INTERVAL)
+        try:
+            await volume.flush_all()
+            await trio.to_thread.run_sync(volume.sizes.flush)
+        except OSError as exc:
+            log.error("periodic write-back failed: %s", exc)
 
 
 async def _stop_on_signals(scope: trio.CancelScope) -> None:

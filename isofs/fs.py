@@ -10,6 +10,8 @@ import errno
 import functools
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -94,6 +96,40 @@ def _fill(entry: Entry) -> pyfuse3.EntryAttributes:
     out.st_mtime_ns = attr.mtime_ns
     out.st_ctime_ns = attr.ctime_ns
     return out
+
+
+class KernelInvalidator:
+    """Drops kernel caches of other views' inodes from a thread of its own.
+
+    `pyfuse3.invalidate_inode` blocks until the kernel has dropped the pages, and the kernel may
+    need a reply from this daemon to get there: called (or awaited) inside a request handler it
+    deadlocks. A queue and one thread decouple them; handlers only enqueue.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="invalidate", daemon=True)
+        self.done = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, nodeid: int) -> None:
+        self._queue.put(nodeid)
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while (nodeid := self._queue.get()) is not None:
+            try:
+                pyfuse3.invalidate_inode(nodeid)
+            except OSError as exc:  # ENOENT: the kernel no longer knows it, nothing to drop
+                if exc.errno != errno.ENOENT:
+                    log.warning("invalidating nodeid %d failed: %s", nodeid, exc)
+            self.done += 1
 
 
 class IsoFS(pyfuse3.Operations):

@@ -14,7 +14,7 @@ import ctypes
 import errno
 import os
 import stat
-from dataclasses import dataclass
+from typing import NamedTuple
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -40,8 +40,7 @@ def proc_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-@dataclass(frozen=True, slots=True)
-class Validators:
+class Validators(NamedTuple):
     """What tells us a native file changed behind our back."""
 
     size: int

@@ -14,7 +14,6 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 from isofs import native
 from isofs.callers import CallerResolver
@@ -23,14 +22,12 @@ from isofs.pagecache import PageCache, page_size_for
 from isofs.policy import VIEW_NATIVE, Policy
 from isofs.provider import Stack
 from isofs.sections import NativeFile, Section, in_thread
-
-if TYPE_CHECKING:
-    from isofs.sizecache import SizeCache
+from isofs.sizecache import NOT_FORMATTED, SizeCache
+from isofs.sizecache import logical_size as cached_logical_size
+from isofs.source import META_DIR_NAME
 
 log = logging.getLogger(__name__)
 
-#: Name of the source's metadata directory; only the native view sees it.
-META_DIR_NAME = ".isofs"
 #: How long the kernel may trust names and attributes that are the same in every view.
 #: Bounds how late a change made behind the mount's back is seen.
 SHARED_TTL = 1.0
@@ -104,19 +101,6 @@ class Counters:
     bytes_written: int = 0
 
 
-class _NoSizeCache:
-    """Stands in when a volume keeps no size cache: every query is a miss."""
-
-    def get(self, key: tuple[int, int], validators: native.Validators) -> None:
-        return None
-
-    def put(self, *args: object) -> None:
-        pass
-
-    def put_not_formatted(self, *args: object) -> None:
-        pass
-
-
 class Volume:
     """One mounted source: the inode table, open handles and the views it serves."""
 
@@ -136,7 +120,7 @@ class Volume:
         self.policy = policy or Policy()
         self.resolver = resolver
         self.cache = cache or PageCache()
-        self.sizes: Any = sizes if sizes is not None else _NoSizeCache()
+        self.sizes = sizes if sizes is not None else SizeCache(None)
         self.page_size = page_size_for(self.stack.block_size)
         #: Called with a nodeid whose kernel caches are stale; must not block the caller.
         self.invalidate = invalidate or (lambda nodeid: None)
@@ -206,14 +190,11 @@ class Volume:
         if section is not None and (section.dirty or section.validators == validators):
             return section.size
         cached = self.sizes.get(inode.key, validators)
-        if cached is not None:
-            return st.st_size if cached.not_formatted else cached.size
-        size = self._measure(inode, st)
-        if size is None:
-            self.sizes.put_not_formatted(inode.key, validators)
-            return st.st_size
-        self.sizes.put(inode.key, validators, size)
-        return size
+        if cached is None:
+            size = self._measure(inode, st)
+            cached = NOT_FORMATTED if size is None else size
+            self.sizes.put(inode.key, validators, cached)
+        return cached_logical_size(cached, st.st_size)
 
     def _measure(self, inode: Inode, st: os.stat_result) -> int | None:
         """Logical size by reading the file's header; None when it is not formatted."""
@@ -590,6 +571,11 @@ class Volume:
         writable = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
         section = None
         if inode.is_regular and self.transforms(view):
+            if flags & os.O_TRUNC and (inode.number, view) not in self.sections:
+                # Truncating first means a plaintext file rewritten through the target view
+                # comes back formatted (its old content is gone anyway).
+                await self._before_native_change(inode)
+                native.truncate(inode.path_fd, 0)
             section = await self._section(inode, view, writable=writable)
         if section is not None:
             if flags & os.O_TRUNC:
