@@ -7,6 +7,7 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import time
 
 from isofs import runtime
 from isofs.config import ConfigError
+from isofs.control import format_status, request_status
 from isofs.daemon import MountError, MountOptions, check_mount, configure_logging, serve
 from isofs.execview import ExecError, join_view_group
 from isofs.pagecache import DEFAULT_BUDGET
@@ -90,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     umount.add_argument("mountpoint")
     umount.add_argument("-z", "--lazy", action="store_true", help="detach even if busy")
     umount.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
+
+    status = commands.add_parser("status", help="statistics of a live mount")
+    status.add_argument("mountpoint")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
 
     commands.add_parser("providers", help="list installed providers")
     return parser
@@ -301,6 +307,22 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot run {command[0]}: {exc.strerror}") from None
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    mountpoint = os.path.realpath(args.mountpoint)
+    record = runtime.MountRecord.load(mountpoint)
+    if record is None or not runtime.is_mounted(mountpoint):
+        raise CommandError(f"not an isofs mount: {args.mountpoint}")
+    try:
+        status = request_status(record.control)
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"daemon {record.pid} does not answer: {exc}") from None
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_status(status))
+    return 0
+
+
 def cmd_providers(args: argparse.Namespace) -> int:
     for name, loader in sorted(available_providers().items()):
         try:
@@ -317,5 +339,6 @@ _COMMANDS = {
     "umount": cmd_umount,
     "init": cmd_init,
     "exec": cmd_exec,
+    "status": cmd_status,
     "providers": cmd_providers,
 }

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import trio
 from isofs import native
 from isofs.callers import CallerResolver
 from isofs.config import ConfigError, build_policy
+from isofs.control import serve_control
 from isofs.execview import exec_rules
 from isofs.fs import IsoFS, KernelInvalidator
 from isofs.pagecache import DEFAULT_BUDGET, PageCache
@@ -162,7 +164,7 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
         sizes=sizes,
         invalidate=invalidator.submit,
     )
-    operations = IsoFS(volume)
+    operations = IsoFS(volume, debug=options.debug)
     fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     fuse_options |= {"fsname=isofs", "subtype=isofs"}
     if options.allow_other:
@@ -192,7 +194,21 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
     report("mounted")
     unmounted = False
     try:
-        unmounted = trio.run(_main_loop, volume)
+        started = time.monotonic()
+
+        def status() -> dict[str, object]:
+            return {
+                "source": source,
+                "mountpoint": mountpoint,
+                "pid": os.getpid(),
+                "uptime_s": round(time.monotonic() - started, 1),
+                "log": record.log,
+                **volume.status(),
+                "invalidations": invalidator.done,
+                **operations.stats.snapshot(),
+            }
+
+        unmounted = trio.run(_main_loop, volume, str(control), status)
     except BaseException:
         log.exception("daemon failed")
         raise
@@ -207,12 +223,15 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
     return 0
 
 
-async def _main_loop(volume: Volume) -> bool:
+async def _main_loop(
+    volume: Volume, control: str, status: Callable[[], dict[str, object]]
+) -> bool:
     """Serve requests; True when the kernel ended the session (external unmount)."""
     ended_by_kernel = False
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
         nursery.start_soon(_write_back_periodically, volume)
+        nursery.start_soon(serve_control, control, status)
         await pyfuse3.main()
         ended_by_kernel = True
         nursery.cancel_scope.cancel()

@@ -18,7 +18,10 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
+from isofs.stats import RequestStats
 from isofs.volume import Caller, Entry, Volume
+
+RequestContext = pyfuse3.RequestContext
 
 log = logging.getLogger(__name__)
 
@@ -43,32 +46,30 @@ async def _translate(
 
 
 def _errors_to_errno(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Decorate a handler with errno translation (and per-request logging under --debug)."""
+    """Decorate a handler: errno translation, request statistics, --debug logging."""
+    name = method.__name__
 
     @functools.wraps(method)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
-        if log.isEnabledFor(logging.DEBUG):
-            return await _logged(method, args, kwargs)
-        return await _translate(method, args, kwargs)
+    async def wrapper(self: IsoFS, *args: Any) -> T:
+        started = time.perf_counter()
+        failed = True
+        try:
+            result = await _translate(method, (self, *args), {})
+            failed = False
+            return result
+        finally:
+            elapsed = time.perf_counter() - started
+            self.stats.record(name, elapsed, failed, _detail(args))
+            if self.debug:
+                shown = ", ".join(_short(a) for a in args if not isinstance(a, RequestContext))
+                log.debug("%s(%s) -> %s in %.0f us", name, shown,
+                          "error" if failed else "ok", elapsed * 1e6)
 
     return wrapper
 
 
-async def _logged(
-    method: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> T:
-    """--debug: one log line per request with its arguments, outcome and duration."""
-    shown = ", ".join(_short(a) for a in args[1:] if not isinstance(a, pyfuse3.RequestContext))
-    started = time.perf_counter()
-    outcome = "ok"
-    try:
-        return await _translate(method, args, kwargs)
-    except pyfuse3.FUSEError as exc:
-        outcome = f"errno {errno.errorcode.get(exc.errno, exc.errno)}"
-        raise
-    finally:
-        elapsed = (time.perf_counter() - started) * 1e6
-        log.debug("%s(%s) -> %s in %.0f us", method.__name__, shown, outcome, elapsed)
+def _detail(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a for a in args[:2] if not isinstance(a, RequestContext))
 
 
 def _short(value: Any) -> str:
@@ -143,6 +144,7 @@ class IsoFS(pyfuse3.Operations):
         super().__init__()
         self.volume = volume
         self.debug = debug
+        self.stats = RequestStats()
 
     def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
         return Caller(ctx.uid, ctx.gid, self.volume.view_for(ctx.pid, ctx.uid, ctx.gid))

@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from isofs import native
 from isofs.callers import CallerResolver
@@ -690,6 +690,39 @@ class Volume:
             if await section.flush():
                 inode = self.inodes.get(number)
                 self._after_change(inode, view)
+
+    # ------------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, object]:
+        """What `isofs status` shows about the core (plain data, JSON-ready)."""
+        resolver = self.resolver.statistics() if self.resolver is not None else None
+        return {
+            "views": sorted(self.policy.views),
+            "single_view": self.single_view,
+            "per_view_files": self.per_view_files,
+            "policy": self.policy.describe(),
+            "stack": [type(layer).__name__ for layer in self.stack.layers],
+            "requests_per_view": dict(self.view_requests),
+            "callers": asdict(resolver) if resolver is not None else None,
+            "inodes": len(self.inodes),
+            "open_files": len(self._handles),
+            "sections": [
+                {
+                    "file": section.label,
+                    "size": section.size,
+                    "handles": section.handles,
+                    "dirty": section.dirty,
+                    "lock": asdict(section.lock.statistics()),
+                }
+                for section in self.sections.values()
+            ],
+            "page_cache": {
+                **asdict(self.cache.statistics()),
+                "hit_ratio": round(self.cache.statistics().hit_ratio, 4),
+            },
+            "size_cache": asdict(self.sizes.statistics()),
+            "io": asdict(self.counters),
+        }
 
     # --------------------------------------------------------------------------- teardown
 
