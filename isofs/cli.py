@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     exec_ = commands.add_parser("exec", help="run a command whose process tree gets a view")
     exec_.add_argument("--view", required=True, choices=KNOWN_VIEWS)
-    exec_.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    exec_.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     umount = commands.add_parser("umount", help="flush, unmount and wait for the daemon")
     umount.add_argument("mountpoint")
@@ -297,7 +297,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not command:
         raise CommandError("exec needs a command: isofs exec --view VIEW -- CMD [ARGS...]")
     join_view_group(args.view, os.getpid())
