@@ -31,13 +31,12 @@ from isofs.pagecache import DEFAULT_BUDGET, PageCache
 from isofs.policy import Policy
 from isofs.provider import ProviderError, SecretSource, SetupRequest, Stack
 from isofs.runtime import MountRecord, is_mounted
-from isofs.sizecache import SizeCache
+from isofs.sizecache import DB_FILE_NAME, SizeCache
 from isofs.source import META_DIR_NAME, load_stack
 from isofs.volume import Volume
 
 log = logging.getLogger("isofs")
 
-SIZE_CACHE_NAME = "sizecache.db"
 #: Seconds dirty pages may wait before the daemon writes them back on its own.
 WRITE_BACK_INTERVAL = 5.0
 
@@ -153,7 +152,7 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
     os.umask(0)  # modes arrive already masked by the kernel; apply them exactly
     native.raise_fd_limit()
     persistent = meta_dir is not None and not stack.is_identity
-    sizes = SizeCache(meta_dir / SIZE_CACHE_NAME if persistent else None)
+    sizes = SizeCache(meta_dir / DB_FILE_NAME if persistent else None)
     invalidator = KernelInvalidator()
     volume = Volume(
         root_fd,

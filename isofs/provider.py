@@ -56,11 +56,50 @@ class RandomAccessFile(Protocol):
         ...
 
 
+class NameTransform(Protocol):
+    """How a layer changes file names: native names <-> names a transformed view shows.
+
+    Names are transformed per directory with a directory key kept in a small file inside the
+    directory. Names too long for the native filesystem are stored as a short stub plus a
+    sidecar file holding the full transformed name. The filesystem hides every bookkeeping
+    name (key file, sidecars) from transformed views.
+    """
+
+    #: Native name of the per-directory key file.
+    dir_key_name: str
+
+    def new_dir_key(self) -> bytes:
+        """A fresh directory key for a new (or first-used) directory."""
+        ...
+
+    def parse_dir_key(self, data: bytes) -> bytes:
+        """Validate a key file's bytes (CorruptData when malformed)."""
+        ...
+
+    def to_native(self, dir_key: bytes, name: str) -> tuple[str, bytes | None]:
+        """(native name, sidecar bytes or None) for a view name in the directory."""
+        ...
+
+    def sidecar_name(self, native_name: str) -> str | None:
+        """The sidecar holding the full name of a stub, or None for an ordinary name."""
+        ...
+
+    def is_bookkeeping(self, native_name: str) -> bool:
+        """Key files, sidecars: native names no transformed view ever shows."""
+        ...
+
+    def to_view(self, dir_key: bytes, native_name: str, sidecar: bytes | None) -> str:
+        """The view name of a native name (CorruptData if it is not a transformed name)."""
+        ...
+
+
 class Layer(abc.ABC):
     """One configured provider of a source's stack, able to open files in its format."""
 
     #: Logical block size the page cache should align to (1 for byte-granular layers).
     block_size: int = 4096
+    #: How this layer transforms file names, if it does.
+    name_transform: NameTransform | None = None
 
     @abc.abstractmethod
     def is_formatted(self, lower: RandomAccessFile) -> bool:
@@ -165,6 +204,14 @@ class Stack:
         for layer in self.layers:
             current = layer.create(current)
         return current
+
+    @property
+    def name_transform(self) -> NameTransform | None:
+        """The stack's name transform (at most one layer may transform names)."""
+        transforms = [layer.name_transform for layer in self.layers if layer.name_transform]
+        if len(transforms) > 1:
+            raise ProviderError("only one provider of a stack may transform file names")
+        return transforms[0] if transforms else None
 
     def logical_size(self, native_size: int) -> int | None:
         """Logical size from the native size alone, when every layer can compute it."""

@@ -19,7 +19,7 @@ import trio
 from isofs import native
 from isofs.locks import ResourceLock
 from isofs.pagecache import PageCache
-from isofs.provider import RandomAccessFile, Stack
+from isofs.provider import CorruptData, RandomAccessFile, Stack
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -118,7 +118,10 @@ class Section:
         size = self.page_size
         offset = start * size
         length = max(0, min(count * size, self.stored_size - offset))
-        data = await in_thread(self.upper.read, offset, length) if length else b""
+        try:
+            data = await in_thread(self.upper.read, offset, length) if length else b""
+        except CorruptData as exc:  # name the file: the provider only knows blocks
+            raise CorruptData(f"{self.label}: {exc.strerror}") from None
         pages = []
         for i in range(count):
             page = bytearray(data[i * size : (i + 1) * size])

@@ -16,7 +16,8 @@ computing the size, so a concurrent change makes the entry stale rather than wro
 Timestamps are only as fine as the file system's clock tick: a file rewritten twice within one
 tick, keeping its size, has the same validators before and after. As git does for its index
 ("racily clean" entries), `put` therefore ignores a size whose ``ctime`` is within
-`racy_window_ns` (default 2 s) of now; such files are simply recomputed until they are older.
+`racy_window_ns` (default 2 s) of now, or in the future; such files are simply recomputed
+until they are older. Pass ``racy_window_ns=0`` to trust every timestamp.
 
 The value is a `CachedSize`: the logical size (an ``int``), or `NOT_FORMATTED` when the native
 file is not in the provider stack's format, so it is passed through and its logical size is
@@ -42,11 +43,13 @@ leaves the cache running in memory only; each case logs a warning and never fail
 
 Size bound
 ----------
-At most `max_entries` entries are kept (default 1,000,000; about 0.4 kB of memory each, see the
-benchmark). `flush` drops the least recently *put* entries beyond the cap. Hits do not refresh
-an entry: that would put a write on the hot path, and a wrongly pruned entry only costs one
-recomputation. The dict's insertion order is the put order (`put` re-inserts), and the stored
-``seq`` column (the rowid, so the load needs no sort) restores that order at load.
+At most `max_entries` entries are kept (default 1,000,000). Each costs about 0.4 kB of memory
+and 1 µs of load time at open (bench/bench_sizecache.py), so a full default cache means some
+400 MB and a second before the mount is ready. `flush` drops the least recently *put* entries
+beyond the cap. Hits do not refresh an entry: that would put a write on the hot path, and a
+wrongly pruned entry only costs one recomputation. The dict's insertion order is the put order
+(`put` re-inserts), and the stored ``seq`` column (the rowid, so the load needs no sort)
+restores that order at load.
 
 Threads
 -------
@@ -78,7 +81,7 @@ log = logging.getLogger(__name__)
 DB_FILE_NAME: Final = "sizecache.db"
 #: Version of the on-disk schema; a file with any other version is recreated.
 SCHEMA_VERSION: Final = 1
-DEFAULT_MAX_ENTRIES: Final = 1_000_000
+DEFAULT_MAX_ENTRIES: Final = 250_000
 DEFAULT_RACY_WINDOW_NS: Final = 2_000_000_000
 
 _I64_MIN: Final = -(1 << 63)
@@ -156,6 +159,7 @@ class SizeCacheStatistics:
     misses: int  # get() found nothing usable (includes stale drops)
     stale_drops: int  # entries found with other validators and dropped
     entries: int  # entries in memory now
+    capacity: int  # max_entries: flush prunes beyond it
     pending: int  # dirty keys not flushed yet
     persisted_writes: int  # rows written or deleted by flushes since open
     pruned: int  # entries dropped to stay under max_entries
@@ -285,31 +289,12 @@ class SizeCache:
         failed transaction is requeued for the next flush, a corrupt file is recreated.
         """
         with self._flush_lock:
-            with self._lock:
-                self._prune_locked()
-                batch, self._dirty = self._dirty, {}
-            conn = self._conn
-            if conn is None:
-                self._flushes += 1
-                return 0
-            try:
-                written = self._write(conn, batch)
-            except sqlite3.Error as e:
-                self._flush_failures += 1
-                self._requeue(batch)
-                self._flush_failed(e)
-                return 0
-            if self._failing:
-                self._failing = False
-                log.info("size cache %s: writes work again", self._path)
-            self._flushes += 1
-            self._persisted_writes += written
-            return written
+            return self._flush_locked()
 
     def close(self) -> None:
         """Flush and close the file; the cache keeps working in memory only afterwards."""
-        self.flush()
         with self._flush_lock:
+            self._flush_locked()
             conn, self._conn = self._conn, None
             if conn is not None:
                 with contextlib.suppress(sqlite3.Error):
@@ -322,6 +307,7 @@ class SizeCache:
             misses=self._misses,
             stale_drops=self._stale_drops,
             entries=len(self._entries),
+            capacity=self._max_entries,
             pending=len(self._dirty),
             persisted_writes=self._persisted_writes,
             pruned=self._pruned,
@@ -332,6 +318,29 @@ class SizeCache:
             load_ns=self._load_ns,
             persistent=self._conn is not None,
         )
+
+    def _flush_locked(self) -> int:
+        """`flush` body; the caller holds `_flush_lock`."""
+        with self._lock:
+            self._prune_locked()
+            batch, self._dirty = self._dirty, {}
+        conn = self._conn
+        if conn is None:
+            self._flushes += 1
+            return 0
+        try:
+            written = self._write(conn, batch)
+        except sqlite3.Error as e:
+            self._flush_failures += 1
+            self._requeue(batch)
+            self._flush_failed(e)
+            return 0
+        if self._failing:
+            self._failing = False
+            log.info("size cache %s: writes work again", self._path)
+        self._flushes += 1
+        self._persisted_writes += written
+        return written
 
     def _prune_locked(self) -> None:
         """Drop the least recently put entries beyond the cap (caller holds `_lock`)."""

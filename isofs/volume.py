@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from isofs import native
 from isofs.callers import CallerResolver
 from isofs.inodes import CODE_VIEWS, SHARED, VIEW_CODES, Inode, InodeTable, make_nodeid
+from isofs.names import ViewNames
 from isofs.pagecache import PageCache, page_size_for
 from isofs.policy import VIEW_NATIVE, Policy
 from isofs.provider import Stack
@@ -87,7 +88,7 @@ class FileHandle:
 class DirHandle:
     inode: Inode
     view: str
-    names: list[str] | None = None
+    names: list[tuple[str, str]] | None = None
 
 
 @dataclass(slots=True)
@@ -130,6 +131,8 @@ class Volume:
             raise ValueError("a policy with several views needs a caller resolver")
         #: Whether a regular file gets one nodeid per view (bytes differ between views).
         self.per_view_files = self.single_view is None and not self.stack.is_identity
+        transform = self.stack.name_transform
+        self.names = ViewNames(transform) if transform is not None else None
         self.is_root_daemon = os.geteuid() == 0
         self.counters = Counters()
         self.view_requests: dict[str, int] = dict.fromkeys(views, 0)
@@ -151,8 +154,12 @@ class Volume:
         return view
 
     def is_multi_view(self, inode: Inode) -> bool:
-        """Whether this file's bytes can differ between views (then: one nodeid per view)."""
-        return self.per_view_files and inode.is_regular
+        """Whether this object can differ between views (then: one nodeid per view).
+
+        Regular files differ in content; with transformed names every entry differs in name,
+        and the kernel cannot keep one inode under two names (it would move the alias).
+        """
+        return self.per_view_files and (inode.is_regular or self.names is not None)
 
     def transforms(self, view: str) -> bool:
         """Whether `view` shows the stack's upper files rather than native bytes."""
@@ -191,7 +198,11 @@ class Volume:
             return section.size
         cached = self.sizes.get(inode.key, validators)
         if cached is None:
-            size = self._measure(inode, st)
+            try:
+                size = self._measure(inode, st)
+            except OSError as exc:  # shown as native size, never cached as if it were true
+                log.error("%s: cannot read the logical size: %s", self.describe(inode), exc)
+                return st.st_size
             cached = NOT_FORMATTED if size is None else size
             self.sizes.put(inode.key, validators, cached)
         return cached_logical_size(cached, st.st_size)
@@ -204,11 +215,15 @@ class Volume:
         try:
             upper = self.stack.open(NativeFile(fd))
             return None if upper is None else upper.size()
-        except OSError as exc:
-            log.error("cannot read the size of inode %d: %s", inode.number, exc)
-            return st.st_size
         finally:
             os.close(fd)
+
+    def describe(self, inode: Inode) -> str:
+        """The native path of an inode, for log lines that must name the file."""
+        try:
+            return os.readlink(native.proc_path(inode.path_fd))
+        except OSError:
+            return f"inode {inode.number}"
 
     def _entry(self, inode: Inode, st: os.stat_result, view: str) -> Entry:
         code = self._code_for(inode, view)
@@ -235,9 +250,7 @@ class Volume:
     def lookup(self, parent_nodeid: int, name: str, caller: Caller) -> Entry:
         self.counters.lookups += 1
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
-        if self._hidden(parent, name, caller.view):
-            raise OSError(errno.ENOENT, name)
-        return self._remember_entry(parent, name, caller.view)
+        return self._remember_entry(parent, self._existing(parent, name, caller.view), caller.view)
 
     def forget(self, nodeid: int, count: int) -> None:
         inode = self.inodes.forget(nodeid, count)
@@ -306,47 +319,77 @@ class Volume:
         gid = -1 if parent_mode & stat.S_ISGID else caller.gid
         native.chown_at(parent.path_fd, name, caller.uid, gid)
 
-    def _new_name_allowed(self, parent: Inode, name: str, view: str) -> None:
+    # Names. A transformed view may show other names than the native ones (file-name
+    # encryption) and never shows the metadata directory; these two map a view's name to the
+    # native one, for an existing entry and for a new one.
+
+    def _names_for(self, view: str) -> ViewNames | None:
+        return self.names if self.transforms(view) else None
+
+    def _existing(self, parent: Inode, name: str, view: str) -> str:
+        if self._hidden(parent, name, view):
+            raise OSError(errno.ENOENT, name)
+        names = self._names_for(view)
+        return name if names is None else names.resolve(parent.number, parent.path_fd, name)
+
+    def _new(self, parent: Inode, name: str, view: str) -> str:
         if self._hidden(parent, name, view):
             raise OSError(errno.EACCES, f"{name} is reserved for isofs metadata")
+        names = self._names_for(view)
+        return name if names is None else names.create(parent.number, parent.path_fd, name)
+
+    def _gone(self, parent: Inode, native_name: str, view: str) -> None:
+        names = self._names_for(view)
+        if names is not None:
+            names.removed(parent.path_fd, native_name)
 
     def mkdir(self, parent_nodeid: int, name: str, mode: int, caller: Caller) -> Entry:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
-        self._new_name_allowed(parent, name, caller.view)
-        os.mkdir(name, stat.S_IMODE(mode), dir_fd=parent.path_fd)
-        self._give_to_caller(parent, name, caller)
-        return self._remember_entry(parent, name, caller.view)
+        native_name = self._new(parent, name, caller.view)
+        os.mkdir(native_name, stat.S_IMODE(mode), dir_fd=parent.path_fd)
+        self._give_to_caller(parent, native_name, caller)
+        entry = self._remember_entry(parent, native_name, caller.view)
+        names = self._names_for(caller.view)
+        if names is not None:
+            names.init_directory(entry.inode.number, entry.inode.path_fd)
+        return entry
 
     def mknod(self, parent_nodeid: int, name: str, mode: int, rdev: int, caller: Caller) -> Entry:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
-        self._new_name_allowed(parent, name, caller.view)
-        os.mknod(name, mode, rdev, dir_fd=parent.path_fd)
-        self._give_to_caller(parent, name, caller)
-        return self._remember_entry(parent, name, caller.view)
+        native_name = self._new(parent, name, caller.view)
+        os.mknod(native_name, mode, rdev, dir_fd=parent.path_fd)
+        self._give_to_caller(parent, native_name, caller)
+        return self._remember_entry(parent, native_name, caller.view)
 
     def symlink(self, parent_nodeid: int, name: str, target: bytes, caller: Caller) -> Entry:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
-        self._new_name_allowed(parent, name, caller.view)
-        os.symlink(target, name, dir_fd=parent.path_fd)
-        self._give_to_caller(parent, name, caller)
-        return self._remember_entry(parent, name, caller.view)
+        native_name = self._new(parent, name, caller.view)
+        os.symlink(target, native_name, dir_fd=parent.path_fd)
+        self._give_to_caller(parent, native_name, caller)
+        return self._remember_entry(parent, native_name, caller.view)
 
     def link(self, nodeid: int, new_parent_nodeid: int, new_name: str, caller: Caller) -> Entry:
         inode, _ = self.inodes.by_nodeid(nodeid)
         parent, _ = self.inodes.by_nodeid(new_parent_nodeid)
-        self._new_name_allowed(parent, new_name, caller.view)
-        native.link(inode.path_fd, parent.path_fd, new_name)
-        return self._remember_entry(parent, new_name, caller.view)
+        native_name = self._new(parent, new_name, caller.view)
+        native.link(inode.path_fd, parent.path_fd, native_name)
+        return self._remember_entry(parent, native_name, caller.view)
 
     def unlink(self, parent_nodeid: int, name: str, caller: Caller) -> None:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
-        self._new_name_allowed(parent, name, caller.view)
-        os.unlink(name, dir_fd=parent.path_fd)
+        native_name = self._existing(parent, name, caller.view)
+        os.unlink(native_name, dir_fd=parent.path_fd)
+        self._gone(parent, native_name, caller.view)
 
     def rmdir(self, parent_nodeid: int, name: str, caller: Caller) -> None:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
-        self._new_name_allowed(parent, name, caller.view)
-        os.rmdir(name, dir_fd=parent.path_fd)
+        native_name = self._existing(parent, name, caller.view)
+        names = self._names_for(caller.view)
+        if names is None:
+            os.rmdir(native_name, dir_fd=parent.path_fd)
+        else:
+            names.rmdir(parent.path_fd, native_name)
+        self._gone(parent, native_name, caller.view)
 
     def rename(
         self,
@@ -359,9 +402,14 @@ class Volume:
     ) -> None:
         old_parent, _ = self.inodes.by_nodeid(old_parent_nodeid)
         new_parent, _ = self.inodes.by_nodeid(new_parent_nodeid)
-        self._new_name_allowed(old_parent, old_name, caller.view)
-        self._new_name_allowed(new_parent, new_name, caller.view)
-        native.rename(old_parent.path_fd, old_name, new_parent.path_fd, new_name, flags)
+        old_native = self._existing(old_parent, old_name, caller.view)
+        if flags & native.RENAME_EXCHANGE:
+            new_native = self._existing(new_parent, new_name, caller.view)
+        else:
+            new_native = self._new(new_parent, new_name, caller.view)
+        native.rename(old_parent.path_fd, old_native, new_parent.path_fd, new_native, flags)
+        if not flags & native.RENAME_EXCHANGE:
+            self._gone(old_parent, old_native, caller.view)
 
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(native.proc_path(self.inodes.root.path_fd))
@@ -425,19 +473,33 @@ class Volume:
         """
         handle = self._dir_handles[fh]
         if handle.names is None or start == 0:
-            names = native.list_names(handle.inode.path_fd)
-            handle.names = [n for n in names if not self._hidden(handle.inode, n, handle.view)]
+            handle.names = self._listing(handle.inode, handle.view)
         if start == 0:
             yield ".", None, 1
         if start <= 1:
             yield "..", None, 2
         for position in range(max(start, 2), len(handle.names) + 2):
-            name = handle.names[position - 2]
+            name, native_name = handle.names[position - 2]
             try:
-                inode, st = self.inodes.remember(handle.inode, name)
+                inode, st = self.inodes.remember(handle.inode, native_name)
             except FileNotFoundError:
                 continue
             yield name, self._entry(inode, st, handle.view), position + 1
+
+    def _listing(self, directory: Inode, view: str) -> list[tuple[str, str]]:
+        """(view name, native name) of every entry a view shows in a directory."""
+        listing = []
+        names = self._names_for(view)
+        for native_name in native.list_names(directory.path_fd):
+            if self._hidden(directory, native_name, view):
+                continue
+            if names is None:
+                listing.append((native_name, native_name))
+                continue
+            shown = names.to_view(directory.number, directory.path_fd, native_name)
+            if shown is not None:
+                listing.append((shown, native_name))
+        return listing
 
     def dot_entry(self, fh: int, name: str) -> Entry:
         """Attributes for "." or ".." of an open directory (never counted as a lookup)."""
@@ -525,7 +587,7 @@ class Volume:
         if key in self.sections:  # another request built it while we were in a thread
             os.close(fd)
             return self.sections[key]
-        label = f"inode {inode.number} ({view})"
+        label = f"{self.describe(inode)} ({view} view)"
         section = Section(next(self._next_section), fd, upper, self.cache, self.page_size, label)
         self.sections[key] = section
         return section
@@ -595,16 +657,16 @@ class Volume:
         self, parent_nodeid: int, name: str, mode: int, flags: int, caller: Caller
     ) -> tuple[int, Entry]:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
-        self._new_name_allowed(parent, name, caller.view)
+        native_name = self._new(parent, name, caller.view)
         fd = os.open(
-            name,
+            native_name,
             self._native_flags(flags) | os.O_CREAT | os.O_CLOEXEC,
             stat.S_IMODE(mode),
             dir_fd=parent.path_fd,
         )
         try:
-            self._give_to_caller(parent, name, caller)
-            entry = self._remember_entry(parent, name, caller.view)
+            self._give_to_caller(parent, native_name, caller)
+            entry = self._remember_entry(parent, native_name, caller.view)
         except BaseException:
             os.close(fd)
             raise
@@ -681,6 +743,8 @@ class Volume:
     def _release_inode(self, inode: Inode) -> None:
         """Close an inode nobody references, with its sections (already written back)."""
         if self.inodes.release_if_unused(inode):
+            if self.names is not None:
+                self.names.forget(inode.number)
             for key in [k for k in self.sections if k[0] == inode.number]:
                 self._drop_section(key)
 

@@ -423,6 +423,40 @@ class NameCodec:
         return encoded
 
 
+class EncryptedNames:
+    """The `isofs.provider.NameTransform` of the encrypt layer, over a `NameCodec`."""
+
+    dir_key_name = DIRIV_NAME
+
+    def __init__(self, codec: NameCodec) -> None:
+        self.codec = codec
+
+    def new_dir_key(self) -> bytes:
+        return new_dir_id()
+
+    def parse_dir_key(self, data: bytes) -> bytes:
+        return parse_dir_id(data)
+
+    def to_native(self, dir_key: bytes, name: str) -> tuple[str, bytes | None]:
+        return NameCodec.disk_name(self.codec.encrypt_name(dir_key, name))
+
+    def sidecar_name(self, native_name: str) -> str | None:
+        if NameCodec.is_long_name_stub(native_name):
+            return NameCodec.sidecar_name(native_name)
+        return None
+
+    def is_bookkeeping(self, native_name: str) -> bool:
+        return native_name == DIRIV_NAME or (
+            native_name.startswith(LONGNAME_PREFIX) and native_name.endswith(LONGNAME_SUFFIX)
+        )
+
+    def to_view(self, dir_key: bytes, native_name: str, sidecar: bytes | None) -> str:
+        encoded = native_name
+        if sidecar is not None:
+            encoded = NameCodec.from_long_name(native_name, sidecar)
+        return self.codec.decrypt_name(dir_key, encoded)
+
+
 # --- the layer --------------------------------------------------------------------------------
 
 
@@ -446,6 +480,7 @@ class EncryptLayer(Layer):
         self.names: NameCodec | None = (
             NameCodec.from_master_key(master_key) if encrypt_names else None
         )
+        self.name_transform = EncryptedNames(self.names) if self.names is not None else None
 
     def header_size(self) -> int:
         return HEADER_SIZE

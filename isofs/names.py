@@ -1,0 +1,166 @@
+"""Names of a transformed view <-> native names, per directory (file-name encryption).
+
+The provider's `NameTransform` does the cryptography; this module does the filesystem side:
+it keeps each directory's key (read once from the key file inside the directory, created on the
+first name a transformed view creates there), writes and removes long-name sidecars, and
+passes through native names that are not transformed names (files that existed before init,
+or that a native-view process created), exactly as unformatted file contents pass through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+
+from isofs.provider import CorruptData, NameTransform
+
+log = logging.getLogger(__name__)
+
+
+def _read_small(dir_fd: int, name: str) -> bytes:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+def _write_new(dir_fd: int, name: str, data: bytes) -> None:
+    """Create a small file durably (its absence would make names unreadable)."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444, dir_fd=dir_fd)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+class ViewNames:
+    """The name side of one transformed view, with a cache of directory keys."""
+
+    def __init__(self, transform: NameTransform) -> None:
+        self.transform = transform
+        self._keys: dict[int, bytes] = {}
+
+    # ------------------------------------------------------------------- keys
+
+    def dir_key(self, dir_number: int, dir_fd: int, *, create: bool = False) -> bytes | None:
+        """The directory's key; None when it has none (and `create` is false)."""
+        key = self._keys.get(dir_number)
+        if key is not None:
+            return key
+        try:
+            key = self.transform.parse_dir_key(_read_small(dir_fd, self.transform.dir_key_name))
+        except FileNotFoundError:
+            if not create:
+                return None
+            key = self.transform.new_dir_key()
+            try:
+                _write_new(dir_fd, self.transform.dir_key_name, key)
+            except FileExistsError:  # created concurrently behind our back: use that one
+                return self.dir_key(dir_number, dir_fd)
+        self._keys[dir_number] = key
+        return key
+
+    def forget(self, dir_number: int) -> None:
+        self._keys.pop(dir_number, None)
+
+    def init_directory(self, dir_number: int, dir_fd: int) -> None:
+        """Give a directory just created through the transformed view its key."""
+        self.dir_key(dir_number, dir_fd, create=True)
+
+    # ------------------------------------------------------------------ lookups
+
+    def candidates(self, dir_number: int, dir_fd: int, name: str) -> list[str]:
+        """Native names that may hold view name `name`, most likely first."""
+        if self.transform.is_bookkeeping(name):
+            return []
+        key = self.dir_key(dir_number, dir_fd)
+        if key is None:
+            return [name]
+        try:
+            native, _ = self.transform.to_native(key, name)
+        except ValueError:
+            raise OSError(errno.ENAMETOOLONG, name) from None
+        return [native, name]
+
+    def resolve(self, dir_number: int, dir_fd: int, name: str) -> str:
+        """The native name of an existing entry, or FileNotFoundError."""
+        for native in self.candidates(dir_number, dir_fd, name):
+            if native == name and not self._is_plain(dir_number, dir_fd, name):
+                continue  # a transformed name: its view name is another one
+            if _exists(dir_fd, native):
+                return native
+        raise FileNotFoundError(errno.ENOENT, name)
+
+    def _is_plain(self, dir_number: int, dir_fd: int, native: str) -> bool:
+        return self.to_view(dir_number, dir_fd, native) == native
+
+    def to_view(self, dir_number: int, dir_fd: int, native: str) -> str | None:
+        """The name the view shows for a native entry; None for bookkeeping files."""
+        if self.transform.is_bookkeeping(native):
+            return None
+        key = self.dir_key(dir_number, dir_fd)
+        if key is None:
+            return native
+        sidecar_name = self.transform.sidecar_name(native)
+        try:
+            sidecar = _read_small(dir_fd, sidecar_name) if sidecar_name else None
+            return self.transform.to_view(key, native, sidecar)
+        except (CorruptData, FileNotFoundError):
+            return native  # not a transformed name: passed through like unformatted data
+
+    # ------------------------------------------------------------------ changes
+
+    def create(self, dir_number: int, dir_fd: int, name: str) -> str:
+        """The native name for a new entry, writing its sidecar first if it needs one."""
+        if self.transform.is_bookkeeping(name):
+            raise OSError(errno.EACCES, f"{name} is reserved")
+        key = self.dir_key(dir_number, dir_fd, create=True)
+        assert key is not None
+        try:
+            native, sidecar = self.transform.to_native(key, name)
+        except ValueError:
+            raise OSError(errno.ENAMETOOLONG, name) from None
+        sidecar_name = self.transform.sidecar_name(native)
+        if sidecar is not None and sidecar_name is not None:
+            with contextlib.suppress(FileExistsError):
+                _write_new(dir_fd, sidecar_name, sidecar)
+        return native
+
+    def removed(self, dir_fd: int, native: str) -> None:
+        """An entry is gone: drop its sidecar (if no entry of that name remains)."""
+        sidecar_name = self.transform.sidecar_name(native)
+        if sidecar_name is not None and not _exists(dir_fd, native):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sidecar_name, dir_fd=dir_fd)
+
+    def rmdir(self, parent_fd: int, native: str) -> None:
+        """Remove a directory whose only entries may be bookkeeping files."""
+        fd = os.open(native, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            names = os.listdir(fd)
+            if any(not self.transform.is_bookkeeping(n) for n in names):
+                raise OSError(errno.ENOTEMPTY, native)
+            saved = {n: _read_small(fd, n) for n in names}
+            for n in names:
+                os.unlink(n, dir_fd=fd)
+            try:
+                os.rmdir(native, dir_fd=parent_fd)
+            except OSError:
+                for n, data in saved.items():  # put the directory back as it was
+                    with contextlib.suppress(FileExistsError):
+                        _write_new(fd, n, data)
+                raise
+        finally:
+            os.close(fd)
