@@ -8,9 +8,11 @@ returns only once the mount is live, and every error is reported by the command 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
+import resource
 import signal
 import stat
 import time
@@ -37,6 +39,7 @@ from isofs.volume import Volume
 
 log = logging.getLogger("isofs")
 
+PR_SET_DUMPABLE = 4
 #: Seconds dirty pages may wait before the daemon writes them back on its own.
 WRITE_BACK_INTERVAL = 5.0
 
@@ -150,6 +153,7 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
         report(str(exc))
         return 1
     os.umask(0)  # modes arrive already masked by the kernel; apply them exactly
+    _keep_secrets_out_of_dumps()
     native.raise_fd_limit()
     persistent = meta_dir is not None and not stack.is_identity
     sizes = SizeCache(meta_dir / DB_FILE_NAME if persistent else None)
@@ -220,6 +224,14 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
         record.remove()
         log.info("unmounted %s", mountpoint)
     return 0
+
+
+def _keep_secrets_out_of_dumps() -> None:
+    """Keys live in this process: no core dumps, and no ptrace or /proc/PID/mem by others."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        log.warning("cannot mark the daemon non-dumpable: %s", os.strerror(ctypes.get_errno()))
 
 
 async def _main_loop(

@@ -91,14 +91,27 @@ class Section:
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
-        pages = await self._pages(offset // self.page_size, (end - 1) // self.page_size)
-        first = offset // self.page_size * self.page_size
-        joined = b"".join(pages) if len(pages) > 1 else bytes(pages[0])
-        return joined[offset - first : end - first]
+        page_size = self.page_size
+        first, last = offset // page_size, (end - 1) // page_size
+        pages = await self._pages(first, last)
+        pieces: list[bytes | bytearray | memoryview] = []
+        for index in range(first, last + 1):
+            base = index * page_size
+            lo, hi = max(offset, base), min(end, base + page_size)
+            page = pages[index - first]
+            if page is None:  # a damaged page: only a read that avoids the bad block succeeds
+                pieces.append(await self._read_uncached(lo, hi - lo))
+            else:
+                pieces.append(memoryview(page)[lo - base : hi - base])
+        return b"".join(pieces)
 
-    async def _pages(self, first: int, last: int) -> list[bytearray]:
-        """Pages first..last, loading each missing run with one provider read."""
-        found: dict[int, bytearray] = {}
+    async def _pages(self, first: int, last: int) -> list[bytearray | None]:
+        """Pages first..last, loading each missing run with one provider read.
+
+        A run that fails verification is retried page by page; a page that still fails is
+        None, so the rest of the file stays readable around a damaged block.
+        """
+        found: dict[int, bytearray | None] = {}
         missing: list[int] = []
         for index in range(first, last + 1):
             page = self.cache.get(self.id, index)
@@ -107,21 +120,37 @@ class Section:
             else:
                 found[index] = page
         for start, count in _runs(missing):
-            for index, page in zip(
-                range(start, start + count), await self._load(start, count), strict=True
-            ):
+            try:
+                loaded: list[bytearray | None] = list(await self._load(start, count))
+            except CorruptData:
+                loaded = []
+                for index in range(start, start + count):
+                    try:
+                        loaded += await self._load(index, 1)
+                    except CorruptData:
+                        loaded.append(None)
+            for index, page in zip(range(start, start + count), loaded, strict=True):
                 found[index] = page
         return [found[index] for index in range(first, last + 1)]
+
+    async def _read_uncached(self, offset: int, size: int) -> bytes:
+        """Bytes straight from the provider (zeros past the stored size), not cached."""
+        stored = max(0, min(size, self.stored_size - offset))
+        data = await self._provider_read(offset, stored) if stored else b""
+        return data + bytes(size - len(data))
+
+    async def _provider_read(self, offset: int, size: int) -> bytes:
+        try:
+            return await in_thread(self.upper.read, offset, size)
+        except CorruptData as exc:  # name the file: the provider only knows blocks
+            raise CorruptData(f"{self.label}: {exc.strerror}") from None
 
     async def _load(self, start: int, count: int) -> list[bytearray]:
         """Read pages from the provider (zeros past the stored size) and cache them clean."""
         size = self.page_size
         offset = start * size
         length = max(0, min(count * size, self.stored_size - offset))
-        try:
-            data = await in_thread(self.upper.read, offset, length) if length else b""
-        except CorruptData as exc:  # name the file: the provider only knows blocks
-            raise CorruptData(f"{self.label}: {exc.strerror}") from None
+        data = await self._provider_read(offset, length) if length else b""
         pages = []
         for i in range(count):
             page = bytearray(data[i * size : (i + 1) * size])
