@@ -50,8 +50,9 @@ class Inode:
     mode: int
     lookups: dict[int, int] = field(default_factory=dict)
     open_handles: int = 0
-    #: Native validators last seen by an open/close; decides whether kernel caches survive.
-    validators: native.Validators | None = None
+    #: Per nodeid code: the native validators that code's kernel page cache was filled under.
+    #: An open keeps the kernel's cached pages only while they still match.
+    kernel_seen: dict[int, native.Validators] = field(default_factory=dict)
 
     @property
     def is_dir(self) -> bool:

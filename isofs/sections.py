@@ -57,33 +57,70 @@ async def in_thread(function: Callable[..., T], *args: object) -> T:
 
 
 class Section:
-    """One (file, view) with transformed bytes."""
+    """One (file, view) of a transformed view.
+
+    A file not in the stack's format is shown as its native bytes: the section's upper file is
+    then the native file itself (`formatted` False), so every handle of a transformed view goes
+    through a section either way and one mechanism serves both.
+    """
 
     def __init__(
         self,
         section_id: int,
         native_fd: int,
-        upper: RandomAccessFile,
+        stack: Stack,
         cache: PageCache,
         page_size: int,
         label: str,
+        on_write_back: Callable[[], None],
     ) -> None:
         self.id = section_id
         self.native_fd = native_fd
-        self.upper = upper
+        self.lower = NativeFile(native_fd)
+        self.stack = stack
         self.cache = cache
         self.page_size = page_size
         self.label = label
+        #: Told whenever this section changed the native file (coherence with other views).
+        self.on_write_back = on_write_back
         self.lock = ResourceLock()
-        self.size = upper.size()
-        #: Logical size of what the upper file holds (without pending dirty pages).
-        self.stored_size = self.size
-        self.validators = native.Validators.of(os.fstat(native_fd))
+        self.upper: RandomAccessFile = self.lower
+        self.formatted = False
+        self.size = self.stored_size = 0
+        self.validators = native.Validators(-1, -1, -1)
         self.handles = 0
+        #: Set when the native file changed under us; the next read or write reloads first.
+        self.stale = True
+
+    async def load(self) -> None:
+        """Open the upper file (reads the header in a worker thread)."""
+        async with self.lock.exclusive():
+            await self._reload_if_stale()
+
+    async def ensure_formatted(self) -> None:
+        """Format an empty native file before the first write through this view.
+
+        An empty file has no content to pass through, and new data must not land in clear.
+        """
+        if self.formatted:
+            return
+        async with self.lock.exclusive():
+            await self._reload_if_stale()
+            if self.formatted or self.stored_size != 0 or self.dirty:
+                return
+            if await in_thread(self.lower.size) != 0:
+                return
+            self.upper = await in_thread(self.stack.create, self.lower)
+            self.formatted = True
+            self.size = self.stored_size = 0
+            self._wrote_native()
 
     # --------------------------------------------------------------------- reading
 
     async def read(self, offset: int, size: int) -> bytes:
+        if self.stale:
+            async with self.lock.exclusive():
+                await self._reload_if_stale()
         async with self.lock.shared():
             return await self._read_locked(offset, size)
 
@@ -169,6 +206,7 @@ class Section:
 
     async def write(self, offset: int, data: bytes) -> int:
         async with self.lock.exclusive():
+            await self._reload_if_stale()
             await self._write_locked(offset, data)
             if self.cache.over_dirty_limit():
                 await self._write_back_locked()
@@ -180,13 +218,18 @@ class Section:
         size = self.page_size
         end = offset + len(data)
         first, last = offset // size, (end - 1) // size
-        # Edge pages that are only partly overwritten need their old bytes first.
+        # Edge pages that are only partly overwritten need their old bytes first. Hold on to
+        # them: filling the other pages may evict them from the cache before we write.
         edges = {first} if offset % size else set()
         if end % size:
             edges.add(last)
+        loaded: dict[int, bytearray] = {}
         for index in sorted(edges):
-            if self.cache.peek(self.id, index) is None and index * size < self.stored_size:
-                await self._load(index, 1)
+            page = self.cache.peek(self.id, index)
+            if page is None and index * size < self.stored_size:
+                page = (await self._load(index, 1))[0]
+            if page is not None:
+                loaded[index] = page
         source = memoryview(data)
         for index in range(first, last + 1):
             page_start = index * size
@@ -194,7 +237,7 @@ class Section:
             hi = min(end, page_start + size)
             page = self.cache.peek(self.id, index)
             if page is None:
-                page = bytearray(size)
+                page = loaded.get(index) or bytearray(size)
                 self.cache.put(self.id, index, page, dirty=True)
             else:
                 self.cache.mark_dirty(self.id, index)
@@ -203,6 +246,7 @@ class Section:
 
     async def truncate(self, new_size: int) -> None:
         async with self.lock.exclusive():
+            await self._reload_if_stale()
             await self._truncate_locked(new_size)
 
     async def _truncate_locked(self, new_size: int) -> None:
@@ -217,7 +261,7 @@ class Section:
         await in_thread(self.upper.truncate, new_size)
         self.stored_size = new_size
         self.size = new_size
-        self._refresh_validators()
+        self._wrote_native()
 
     # ------------------------------------------------------------------ write-back
 
@@ -249,7 +293,7 @@ class Section:
             self.stored_size = max(self.stored_size, end)
             self.cache.mark_clean(self.id, list(range(start, start + count)))
         await in_thread(self.upper.flush)
-        self._refresh_validators()
+        self._wrote_native()
         return True
 
     async def fsync(self, datasync: bool) -> None:
@@ -261,25 +305,39 @@ class Section:
     def _refresh_validators(self) -> None:
         self.validators = native.Validators.of(os.fstat(self.native_fd))
 
+    def _wrote_native(self) -> None:
+        self._refresh_validators()
+        self.on_write_back()
+
     def native_changed(self) -> bool:
         return native.Validators.of(os.fstat(self.native_fd)) != self.validators
 
-    async def reload(self, stack: Stack) -> bool:
-        """Rebuild from the native file after it changed; False if it is no longer formatted.
+    def mark_stale(self) -> None:
+        self.stale = True
 
-        Pending dirty pages are written back first (the later writer wins), then every cached
-        page and the size are dropped.
+    async def _reload_if_stale(self) -> None:
+        """Rebuild from the native file after it changed (call with the lock exclusive).
+
+        Every cached page and the size are dropped. Writes through the mount flush this
+        section before they change native bytes, so dirty pages here mean a conflicting change
+        made behind the mount's back: writing them back through the old upper file could
+        corrupt the new one, so they are discarded, loudly. A file that is no longer in the
+        stack's format (rewritten in clear) is shown as its native bytes.
         """
-        async with self.lock.exclusive():
-            await self._write_back_locked()
-            self.cache.drop(self.id)
-            upper = await in_thread(stack.open, NativeFile(self.native_fd))
-            if upper is None:
-                return False
-            self.upper = upper
-            self.size = self.stored_size = self.upper.size()
-            self._refresh_validators()
-            return True
+        if not self.stale:
+            return
+        if not self.native_changed():
+            self.stale = False  # nothing changed after all: keep pages and pending writes
+            return
+        if self.dirty:
+            log.error("%s: changed behind the mount's back; unwritten data discarded", self.label)
+        self.cache.drop(self.id)
+        upper = await in_thread(self.stack.open, self.lower)
+        self.formatted = upper is not None
+        self.upper = upper if upper is not None else self.lower
+        self.size = self.stored_size = await in_thread(self.upper.size)
+        self._refresh_validators()
+        self.stale = False
 
     def close(self) -> None:
         """Forget pages and close the native descriptor (after a final flush)."""

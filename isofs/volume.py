@@ -22,7 +22,7 @@ from isofs.names import ViewNames
 from isofs.pagecache import PageCache, page_size_for
 from isofs.policy import VIEW_NATIVE, Policy
 from isofs.provider import Stack
-from isofs.sections import NativeFile, Section, in_thread
+from isofs.sections import NativeFile, Section
 from isofs.sizecache import NOT_FORMATTED, SizeCache
 from isofs.sizecache import logical_size as cached_logical_size
 from isofs.source import META_DIR_NAME
@@ -134,6 +134,11 @@ class Volume:
         transform = self.stack.name_transform
         self.names = ViewNames(transform) if transform is not None else None
         self.is_root_daemon = os.geteuid() == 0
+        try:  # its entry must never be cached: one view may see it, another must not
+            meta = native.stat_at(root_fd, META_DIR_NAME)
+            self.meta_key: tuple[int, int] | None = (meta.st_dev, meta.st_ino)
+        except FileNotFoundError:
+            self.meta_key = None
         self.counters = Counters()
         self.view_requests: dict[str, int] = dict.fromkeys(views, 0)
         self.sections: dict[tuple[int, str], Section] = {}
@@ -227,7 +232,7 @@ class Volume:
 
     def _entry(self, inode: Inode, st: os.stat_result, view: str) -> Entry:
         code = self._code_for(inode, view)
-        ttl = SHARED_TTL if code == SHARED else 0.0
+        ttl = SHARED_TTL if code == SHARED and inode.key != self.meta_key else 0.0
         return Entry(
             nodeid=make_nodeid(inode.number, code),
             attr=self.attributes(inode, st, view),
@@ -238,7 +243,10 @@ class Volume:
         )
 
     def _hidden(self, parent: Inode, name: str, view: str) -> bool:
-        return view != "native" and parent is self.inodes.root and name == META_DIR_NAME
+        """The metadata directory and everything in it exist only for the native view."""
+        if view == VIEW_NATIVE:
+            return False
+        return parent.key == self.meta_key or (parent is self.inodes.root and name == META_DIR_NAME)
 
     def _remember_entry(self, parent: Inode, name: str, view: str) -> Entry:
         """Look `name` up and count the kernel's new reference to it."""
@@ -259,8 +267,15 @@ class Volume:
 
     def getattr(self, nodeid: int, caller_view: str | None = None) -> Entry:
         inode, code = self.inodes.by_nodeid(nodeid)
-        view = self._view_of(code, caller_view)
+        view = self._checked_view(code, caller_view)
         return self._entry(inode, native.fstat(inode.path_fd), view)
+
+    def _checked_view(self, code: int, caller_view: str | None) -> str:
+        """The view of a nodeid, refusing a caller of another view (/proc/PID/fd tricks)."""
+        view = self._view_of(code, caller_view)
+        if caller_view is not None and code != SHARED and view != caller_view:
+            raise OSError(errno.EACCES, "object belongs to another view")
+        return view
 
     def _view_of(self, code: int, caller_view: str | None) -> str:
         if code == SHARED:
@@ -283,7 +298,7 @@ class Volume:
         caller_view: str | None = None,
     ) -> Entry:
         inode, code = self.inodes.by_nodeid(nodeid)
-        view = self._view_of(code, caller_view)
+        view = self._checked_view(code, caller_view)
         if mode is not None:
             if inode.is_symlink:
                 raise OSError(errno.EOPNOTSUPP, "chmod of a symlink")
@@ -299,13 +314,14 @@ class Volume:
     async def _truncate(self, inode: Inode, view: str, size: int) -> None:
         if not inode.is_regular:
             raise OSError(errno.EISDIR if inode.is_dir else errno.EINVAL, "truncate")
-        section = await self._section(inode, view, writable=True) if self.transforms(view) else None
-        if section is not None:
+        if self.transforms(view):
+            section = await self._section(inode, view)
+            await section.ensure_formatted()
             await section.truncate(size)
         else:
             await self._before_native_change(inode)
             native.truncate(inode.path_fd, size)
-        self._after_change(inode, view)
+            self._after_change(inode, view)
 
     def readlink(self, nodeid: int) -> bytes:
         inode, _ = self.inodes.by_nodeid(nodeid)
@@ -459,6 +475,8 @@ class Volume:
         inode, _ = self.inodes.by_nodeid(nodeid)
         if not inode.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
+        if inode.key == self.meta_key and caller.view != VIEW_NATIVE:
+            raise OSError(errno.EACCES, "isofs metadata is for the native view only")
         fh = next(self._next_fh)
         inode.open_handles += 1
         self._dir_handles[fh] = DirHandle(inode, caller.view)
@@ -545,11 +563,11 @@ class Volume:
         self._handles[fh] = FileHandle(inode, view, code, fd, flags, section)
         return fh
 
-    def _keep_kernel_cache(self, inode: Inode, st: os.stat_result) -> bool:
-        """Keep the kernel's cached pages only if the native file is unchanged since."""
+    def _keep_kernel_cache(self, inode: Inode, code: int, st: os.stat_result) -> bool:
+        """Keep a view's kernel-cached pages only if the native file is unchanged since."""
         current = native.Validators.of(st)
-        unchanged = inode.validators == current
-        inode.validators = current
+        unchanged = inode.kernel_seen.get(code) == current
+        inode.kernel_seen[code] = current
         return unchanged
 
     @staticmethod
@@ -559,37 +577,38 @@ class Volume:
 
     # ---------------------------------------------------------------------- sections
 
-    async def _section(self, inode: Inode, view: str, *, writable: bool) -> Section | None:
-        """The section of (inode, view), built on first use; None if the file is not formatted.
+    async def _section(self, inode: Inode, view: str, fd: int | None = None) -> Section:
+        """The section of (inode, view), built on first use.
 
-        An empty native file is formatted on its first writable open through a transformed
-        view: it has no content to pass through, and new data must not land in clear.
+        `fd` is a read-write native descriptor the caller already has (create); the section
+        takes it over, or it is closed if a section exists already.
         """
         key = (inode.number, view)
         section = self.sections.get(key)
         if section is not None:
-            if section.native_changed() and not await section.reload(self.stack):
-                self._drop_section(key)
-                return None
+            if fd is not None:
+                os.close(fd)
+            if section.native_changed():  # changed behind our back: reload before next use
+                section.mark_stale()
             return section
-        fd = self._open_native_rw(inode)
-        try:
-            lower = NativeFile(fd)
-            upper = await in_thread(self.stack.open, lower)
-            if upper is None and writable and lower.size() == 0:
-                upper = await in_thread(self.stack.create, lower)
-        except BaseException:
-            os.close(fd)
-            raise
-        if upper is None:
-            os.close(fd)
-            return None
-        if key in self.sections:  # another request built it while we were in a thread
-            os.close(fd)
-            return self.sections[key]
+        if fd is None:
+            fd = self._open_native_rw(inode)
         label = f"{self.describe(inode)} ({view} view)"
-        section = Section(next(self._next_section), fd, upper, self.cache, self.page_size, label)
-        self.sections[key] = section
+        section = Section(
+            next(self._next_section),
+            fd,
+            self.stack,
+            self.cache,
+            self.page_size,
+            label,
+            on_write_back=lambda: self._after_change(inode, view),
+        )
+        self.sections[key] = section  # registered before the first await: one per key
+        try:
+            await section.load()
+        except BaseException:
+            self._drop_section(key)
+            raise
         return section
 
     def _open_native_rw(self, inode: Inode) -> int:
@@ -612,55 +631,68 @@ class Volume:
                 await section.flush()
 
     def _after_change(self, inode: Inode, view: str) -> None:
-        """Native bytes of `inode` changed through `view`: make every other view fresh."""
-        inode.validators = native.Validators.of(native.fstat(inode.path_fd))
-        for (number, section_view), section in list(self.sections.items()):
-            if number == inode.number and section_view != view and not section.dirty:
-                section.validators = native.Validators(-1, -1, -1)  # reload on next use
-        own = make_nodeid(inode.number, VIEW_CODES[view]) if self.is_multi_view(inode) else None
-        for nodeid in inode.nodeids():
-            if nodeid != own and self.is_multi_view(inode):
-                self.invalidate(nodeid)
+        """Native bytes of `inode` changed through `view`: make every other view fresh.
+
+        Other views' sections reload before their next read or write; their kernel caches are
+        invalidated now, and no longer count as current for keep_cache at the next open.
+        """
+        own = self._code_for(inode, view)
+        inode.kernel_seen = {own: native.Validators.of(native.fstat(inode.path_fd))}
+        for (number, section_view), section in self.sections.items():
+            if number == inode.number and section_view != view:
+                section.mark_stale()
+        if self.is_multi_view(inode):
+            for nodeid in inode.nodeids():
+                if nodeid != make_nodeid(inode.number, own):
+                    self.invalidate(nodeid)
 
     # ------------------------------------------------------------------------- files
 
     async def open(self, nodeid: int, flags: int, caller: Caller) -> tuple[int, bool]:
         """Open a file; returns (fh, keep_cache)."""
         inode, code = self.inodes.by_nodeid(nodeid)
-        view = self._view_of(code, caller.view)
-        if code != SHARED and view != caller.view:
-            raise OSError(errno.EACCES, "file was opened through another view")
-        writable = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
-        section = None
+        view = self._checked_view(code, caller.view)
         if inode.is_regular and self.transforms(view):
-            if flags & os.O_TRUNC and (inode.number, view) not in self.sections:
-                # Truncating first means a plaintext file rewritten through the target view
-                # comes back formatted (its old content is gone anyway).
-                await self._before_native_change(inode)
-                native.truncate(inode.path_fd, 0)
-            section = await self._section(inode, view, writable=writable)
-        if section is not None:
-            if flags & os.O_TRUNC:
-                await section.truncate(0)
-                self._after_change(inode, view)
-            keep = self._keep_kernel_cache(inode, native.fstat(inode.path_fd))
+            section = await self._open_section(inode, view, flags)
+            keep = self._keep_kernel_cache(inode, code, native.fstat(inode.path_fd))
             return self._new_handle(inode, view, code, -1, flags, section), keep
         if flags & os.O_TRUNC:
             await self._before_native_change(inode)
         fd = native.reopen(inode.path_fd, self._native_flags(flags))
         if flags & os.O_TRUNC:
             self._after_change(inode, view)
-        keep = self._keep_kernel_cache(inode, os.fstat(fd))
+        keep = self._keep_kernel_cache(inode, code, os.fstat(fd))
         return self._new_handle(inode, view, code, fd, flags, None), keep
+
+    async def _open_section(
+        self, inode: Inode, view: str, flags: int, fd: int | None = None
+    ) -> Section:
+        """A transformed view's open: O_TRUNC, and formatting before the first write.
+
+        Truncating a plain file and then formatting it means a file rewritten through the
+        transformed view comes back in the stack's format.
+        """
+        section = await self._section(inode, view, fd)
+        if flags & os.O_TRUNC:
+            await section.truncate(0)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            await section.ensure_formatted()
+        return section
 
     async def create(
         self, parent_nodeid: int, name: str, mode: int, flags: int, caller: Caller
     ) -> tuple[int, Entry]:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         native_name = self._new(parent, name, caller.view)
+        transformed = self.transforms(caller.view)
+        # A transformed view reads and writes through its section: open read-write now (a
+        # file created with mode 0444 can be opened for writing only by its creating open).
+        native_flags = self._native_flags(flags)
+        if transformed:
+            native_flags = native_flags & ~(os.O_ACCMODE | os.O_TRUNC) | os.O_RDWR
         fd = os.open(
             native_name,
-            self._native_flags(flags) | os.O_CREAT | os.O_CLOEXEC,
+            native_flags | os.O_CREAT | os.O_CLOEXEC,
             stat.S_IMODE(mode),
             dir_fd=parent.path_fd,
         )
@@ -672,12 +704,11 @@ class Volume:
             raise
         inode = entry.inode
         section = None
-        if self.transforms(caller.view):
-            os.close(fd)
+        if transformed:
+            section = await self._open_section(inode, caller.view, flags | os.O_RDWR, fd)
             fd = -1
-            section = await self._section(inode, caller.view, writable=True)
             entry = self._entry(inode, native.fstat(inode.path_fd), caller.view)
-        inode.validators = native.Validators.of(native.fstat(inode.path_fd))
+        inode.kernel_seen[entry.code] = native.Validators.of(native.fstat(inode.path_fd))
         fh = self._new_handle(inode, caller.view, entry.code, fd, flags, section)
         return fh, entry
 
@@ -712,16 +743,13 @@ class Volume:
 
     async def flush(self, fh: int) -> None:
         handle = self.handle(fh)
-        if handle.section is not None and await handle.section.flush():
-            self._after_change(handle.inode, handle.view)
+        if handle.section is not None:
+            await handle.section.flush()
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self.handle(fh)
         if handle.section is not None:
-            wrote = handle.section.dirty
             await handle.section.fsync(datasync)
-            if wrote:
-                self._after_change(handle.inode, handle.view)
         else:
             (os.fdatasync if datasync else os.fsync)(handle.fd)
 
@@ -730,10 +758,7 @@ class Volume:
         try:
             if handle.section is not None:
                 handle.section.handles -= 1
-                if await handle.section.flush():
-                    self._after_change(handle.inode, handle.view)
-            else:
-                handle.inode.validators = native.Validators.of(os.fstat(handle.fd))
+                await handle.section.flush()
         finally:
             if handle.fd >= 0:
                 os.close(handle.fd)
@@ -750,10 +775,8 @@ class Volume:
 
     async def flush_all(self) -> None:
         """Write back every section (periodically and before unmount)."""
-        for (number, view), section in list(self.sections.items()):
-            if await section.flush():
-                inode = self.inodes.get(number)
-                self._after_change(inode, view)
+        for section in list(self.sections.values()):
+            await section.flush()
 
     # ------------------------------------------------------------------------ status
 
