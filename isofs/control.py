@@ -88,6 +88,10 @@ def format_status(status: dict[str, Any]) -> str:
         "requests per view: "
         + (", ".join(f"{v} {n}" for v, n in status["requests_per_view"].items()) or "-"),
     ]
+    for view, seen in (status.get("callers_per_view") or {}).items():
+        top = sorted(seen.items(), key=lambda item: -item[1])[:8]
+        if top:
+            lines.append(f"callers seen ({view}): " + ", ".join(f"{e} {n}" for e, n in top))
     if callers:
         lines.append(
             f"caller resolution: {callers.get('hits', 0)} hits, {callers.get('misses', 0)} "

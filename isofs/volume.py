@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 #: How long the kernel may trust names and attributes that are the same in every view.
 #: Bounds how late a change made behind the mount's back is seen.
 SHARED_TTL = 1.0
+MAX_CALLERS_SHOWN = 50
 
 
 @dataclass(slots=True)
@@ -141,6 +142,8 @@ class Volume:
             self.meta_key = None
         self.counters = Counters()
         self.view_requests: dict[str, int] = dict.fromkeys(views, 0)
+        #: Per view: requests per caller executable (the first MAX_CALLERS_SHOWN of them).
+        self.callers_seen: dict[str, dict[str, int]] = {view: {} for view in views}
         self.sections: dict[tuple[int, str], Section] = {}
         self._next_section = itertools.count(1)
         self._handles: dict[int, FileHandle] = {}
@@ -154,8 +157,13 @@ class Volume:
         if self.single_view is not None:
             return self.single_view
         assert self.resolver is not None
-        view = self.policy.view_for(self.resolver.resolve(pid, uid, gid))
+        caller = self.resolver.resolve(pid, uid, gid)
+        view = self.policy.view_for(caller)
         self.view_requests[view] += 1
+        seen = self.callers_seen[view]
+        exe = caller.exe if caller is not None else "(vanished)"
+        if exe in seen or len(seen) < MAX_CALLERS_SHOWN:
+            seen[exe] = seen.get(exe, 0) + 1
         return view
 
     def is_multi_view(self, inode: Inode) -> bool:
@@ -790,6 +798,7 @@ class Volume:
             "policy": self.policy.describe(),
             "stack": [type(layer).__name__ for layer in self.stack.layers],
             "requests_per_view": dict(self.view_requests),
+            "callers_per_view": self.callers_seen,
             "callers": asdict(resolver) if resolver is not None else None,
             "inodes": len(self.inodes),
             "open_files": len(self._handles),
