@@ -248,7 +248,11 @@ def _spawn_daemon(options: MountOptions) -> int:
         command += ["--target", rule]
     for rule in options.ignores:
         command += ["--ignore", rule]
-    with open(log_file, "ab") as log_stream:
+    try:
+        log_stream = open(log_file, "ab")  # noqa: SIM115 - closed right after the spawn
+    except OSError as exc:
+        raise CommandError(f"cannot open log file {log_file}: {exc.strerror}") from None
+    with log_stream:
         process = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -284,8 +288,15 @@ def cmd_umount(args: argparse.Namespace) -> int:
         if "busy" in reason.lower():
             raise CommandError(f"mount point is busy: {args.mountpoint} (use --lazy to detach)")
         raise CommandError(f"cannot unmount {args.mountpoint}: {reason or 'fusermount3 failed'}")
-    if record is not None:
-        _wait_for_exit(record.pid, args.timeout)
+    if record is None:
+        return 0
+    if not runtime.pid_alive(record.pid) or _is_zombie(record.pid):
+        record.remove()  # a killed daemon could not clean up after itself
+        return 0
+    if args.lazy:  # a busy mount's daemon serves its last users, then exits by itself
+        print(f"detached {args.mountpoint}; the daemon exits when its last user is gone")
+        return 0
+    _wait_for_exit(record.pid, args.timeout)
     return 0
 
 

@@ -324,7 +324,7 @@ class IsoFS(pyfuse3.Operations):
     @_errors_to_errno
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         fh, keep_cache = await self.volume.open(inode, flags, self._caller(ctx))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=bool(flags & os.O_DIRECT))
 
     @_errors_to_errno
     async def create(
@@ -333,7 +333,8 @@ class IsoFS(pyfuse3.Operations):
         fh, entry = await self.volume.create(
             parent_inode, os.fsdecode(name), mode, flags, self._caller(ctx)
         )
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), _fill(entry)
+        info = pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
+        return info, _fill(entry)
 
     @_errors_to_errno
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -52,9 +52,11 @@ class MountRecord:
         tmp.replace(record)
 
     def remove(self) -> None:
-        record, _, _ = self.paths_for(self.mountpoint)
-        with contextlib.suppress(FileNotFoundError):
-            record.unlink()
+        """Forget the mount: its record and its control socket."""
+        record, _, control = self.paths_for(self.mountpoint)
+        for path in (record, control):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     @classmethod
     def load(cls, mountpoint: str) -> MountRecord | None:

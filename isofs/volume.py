@@ -335,13 +335,36 @@ class Volume:
         inode, _ = self.inodes.by_nodeid(nodeid)
         return native.readlink(inode.path_fd)
 
-    def _give_to_caller(self, parent: Inode, name: str, caller: Caller) -> None:
-        """Make a new object belong to the caller, as a kernel filesystem would."""
+    def _give_to_caller(
+        self, parent: Inode, name: str, caller: Caller, mode: int | None = None
+    ) -> None:
+        """Make a new object belong to the caller, as a kernel filesystem would.
+
+        chown clears setuid/setgid, so a mode asking for them is applied again afterwards,
+        setgid only where the kernel would keep it (caller root or in the file's group).
+        """
         if not self.is_root_daemon:
             return
         parent_mode = native.fstat(parent.path_fd).st_mode
         gid = -1 if parent_mode & stat.S_ISGID else caller.gid
         native.chown_at(parent.path_fd, name, caller.uid, gid)
+        if mode is None or not mode & (stat.S_ISUID | stat.S_ISGID):
+            return
+        st = native.stat_at(parent.path_fd, name)
+        wanted = stat.S_IMODE(mode)
+        if caller.uid != 0 and st.st_gid != caller.gid:
+            wanted &= ~stat.S_ISGID
+        if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) != wanted:
+            os.chmod(name, wanted, dir_fd=parent.path_fd)
+
+    def _truncated_by(self, inode: Inode, caller: Caller) -> None:
+        """An unprivileged truncating open drops setuid (and group-exec setgid), as natively."""
+        if caller.uid == 0 or not self.is_root_daemon:
+            return
+        mode = native.fstat(inode.path_fd).st_mode
+        drop = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        if mode & drop:
+            native.chmod(inode.path_fd, stat.S_IMODE(mode) & ~drop)
 
     # Names. A transformed view may show other names than the native ones (file-name
     # encryption) and never shows the metadata directory; these two map a view's name to the
@@ -371,7 +394,7 @@ class Volume:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         native_name = self._new(parent, name, caller.view)
         os.mkdir(native_name, stat.S_IMODE(mode), dir_fd=parent.path_fd)
-        self._give_to_caller(parent, native_name, caller)
+        self._give_to_caller(parent, native_name, caller, mode)
         entry = self._remember_entry(parent, native_name, caller.view)
         names = self._names_for(caller.view)
         if names is not None:
@@ -382,7 +405,7 @@ class Volume:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         native_name = self._new(parent, name, caller.view)
         os.mknod(native_name, mode, rdev, dir_fd=parent.path_fd)
-        self._give_to_caller(parent, native_name, caller)
+        self._give_to_caller(parent, native_name, caller, mode)
         return self._remember_entry(parent, native_name, caller.view)
 
     def symlink(self, parent_nodeid: int, name: str, target: bytes, caller: Caller) -> Entry:
@@ -581,7 +604,8 @@ class Volume:
     @staticmethod
     def _native_flags(flags: int) -> int:
         # The kernel computes append offsets itself; O_APPEND natively would ignore them.
-        return flags & ~(os.O_APPEND | os.O_NOFOLLOW)
+        # O_DIRECT would demand aligned buffers the daemon does not have.
+        return flags & ~(os.O_APPEND | os.O_NOFOLLOW | os.O_DIRECT)
 
     # ---------------------------------------------------------------------- sections
 
@@ -662,12 +686,15 @@ class Volume:
         view = self._checked_view(code, caller.view)
         if inode.is_regular and self.transforms(view):
             section = await self._open_section(inode, view, flags)
+            if flags & os.O_TRUNC:
+                self._truncated_by(inode, caller)
             keep = self._keep_kernel_cache(inode, code, native.fstat(inode.path_fd))
             return self._new_handle(inode, view, code, -1, flags, section), keep
         if flags & os.O_TRUNC:
             await self._before_native_change(inode)
         fd = native.reopen(inode.path_fd, self._native_flags(flags))
         if flags & os.O_TRUNC:
+            self._truncated_by(inode, caller)
             self._after_change(inode, view)
         keep = self._keep_kernel_cache(inode, code, os.fstat(fd))
         return self._new_handle(inode, view, code, fd, flags, None), keep
@@ -705,7 +732,7 @@ class Volume:
             dir_fd=parent.path_fd,
         )
         try:
-            self._give_to_caller(parent, native_name, caller)
+            self._give_to_caller(parent, native_name, caller, mode)
             entry = self._remember_entry(parent, native_name, caller.view)
         except BaseException:
             os.close(fd)

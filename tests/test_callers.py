@@ -322,9 +322,9 @@ def test_pid_reuse_gets_a_fresh_identity(fake: FakeProc, fake_resolver: CallerRe
 
 def test_exec_in_place(fake: FakeProc, fake_resolver: CallerResolver) -> None:
     assert fake_resolver.resolve(100, 0, 0) is not None
-    fake.set_exe(100, "/tmp/evil")
+    fake.set_exe(100, "/home/mallory/evil")
     caller = fake_resolver.resolve(100, 0, 0)
-    assert caller is not None and caller.exe == "/tmp/evil"
+    assert caller is not None and caller.exe == "/home/mallory/evil"
     assert fake_resolver.statistics().invalidations == 1
 
 
