@@ -557,18 +557,20 @@ def _examine(
         return True, report
     if upper is None:
         return False, None
-    try:
-        size = upper.size()
-    except CorruptData as exc:
-        native_size = native.size()
+    native_size = native.size()
+    valid = None
+    if stack.logical_size(native_size) is None:  # no valid file has this size: a torn tail?
         valid = _last_valid_native_size(stack, native_size)
-        if valid is None:
+    if valid is None:
+        try:
+            size = upper.size()
+        except CorruptData as exc:
             report.problems.append(Problem("invalid size", _reason(exc)))
             return True, report
+    else:
+        reason = f"native size {native_size} is not a valid layout"
         report.problems.append(
-            Problem(
-                "truncated tail", f"{_reason(exc)}; {native_size - valid} bytes past the last block"
-            )
+            Problem("truncated tail", f"{reason}; {native_size - valid} bytes past the last block")
         )
         report.valid_native_size = valid
         try:

@@ -200,10 +200,17 @@ class EncryptedFile:
     # -- RandomAccessFile --
 
     def size(self) -> int:
+        """Logical size; a torn last block (too short to hold a tag) still counts as a byte.
+
+        Counting it keeps the good blocks readable (reads of the torn block fail with
+        CorruptData) instead of failing the whole file.
+        """
         native = self._lower.size()
         logical = logical_size_of(native)
         if logical is None:
-            raise CorruptData(f"encrypt: native size {native} is not a valid encrypted layout")
+            if native < HEADER_SIZE:
+                raise CorruptData(f"encrypt: native size {native} is shorter than the header")
+            return (native - HEADER_SIZE) // NATIVE_BLOCK_SIZE * BLOCK_SIZE + 1
         return logical
 
     def read(self, offset: int, size: int) -> bytes:
