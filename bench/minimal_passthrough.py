@@ -90,8 +90,16 @@ class PassthroughOps(pyfuse3.Operations):
             raise FUSEError(exc.errno) from None
         entry = pyfuse3.EntryAttributes()
         for attr in (
-            "st_ino", "st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
-            "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
+            "st_ino",
+            "st_mode",
+            "st_nlink",
+            "st_uid",
+            "st_gid",
+            "st_rdev",
+            "st_size",
+            "st_atime_ns",
+            "st_mtime_ns",
+            "st_ctime_ns",
         ):
             setattr(entry, attr, getattr(st, attr))
         entry.generation = 0
@@ -174,8 +182,14 @@ class PassthroughOps(pyfuse3.Operations):
             raise FUSEError(exc.errno) from None
         out = pyfuse3.StatvfsData()
         for attr in (
-            "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
-            "f_files", "f_ffree", "f_favail",
+            "f_bsize",
+            "f_frsize",
+            "f_blocks",
+            "f_bfree",
+            "f_bavail",
+            "f_files",
+            "f_ffree",
+            "f_favail",
         ):
             setattr(out, attr, getattr(st, attr))
         out.f_namemax = st.f_namemax - (len(self._inode_to_path(pyfuse3.ROOT_INODE)) + 1)

@@ -7,7 +7,7 @@ ratios against the native directory (and isofs against the minimal pyfuse3
 passthrough). It is a benchmark, not a test: nothing here asserts on timings.
 
     python bench/run.py [--quick] [--only ROWS] [--contenders LIST] [--repeat N]
-                        [--json FILE] [--workdir DIR]
+                        [--cpu N] [--json FILE] [--workdir DIR]
 
 See bench/README.md for what each row measures and how to read the ratios.
 """
@@ -167,6 +167,42 @@ class Caches:
             return
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
+
+
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_TOPDIR_FL = 0x80086601, 0x40086602, 0x00020000
+
+
+def set_topdir_flag(path: Path) -> bool:
+    """``chattr +T path``, best effort (False where unsupported).
+
+    Why: these VMs' root filesystem is ext4 *without a journal*. There, the inode
+    allocator skips inodes freed in the last 60 s (300 s while their inode-table block
+    is dirty), one buffer-cache lookup per skipped inode, so creating files in a block
+    group where thousands were just deleted costs ~20x more CPU per create: 10,000
+    creates take 4 s instead of 0.2 s, for reasons that have nothing to do with the
+    contender. With the "top directory" flag on the scratch dir, ext4 places each
+    directory made directly inside it (one source dir per contender and repetition,
+    with a random name) in a block group of its own, chosen afresh, instead of packing
+    them all into the scratch dir's group, which earlier runs (or other work) churned.
+    The suite also deletes nothing mid-run except the unlink row's files and the big
+    file: sources are removed at the end.
+    """
+    import fcntl
+    import struct
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        buf = fcntl.ioctl(fd, FS_IOC_GETFLAGS, struct.pack("i", 0))
+        flags = struct.unpack("i", buf)[0] | FS_TOPDIR_FL
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("i", flags))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def pid_alive(pid: int) -> bool:
@@ -371,7 +407,10 @@ class ForegroundFuse(Contender):
             log.write(f"--- {' '.join(self.argv())}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                self.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
                 start_new_session=True,
             )
         wait_for_mount(self.mnt, self.proc, self.log, timeout=30)
@@ -413,6 +452,14 @@ class Bindfs(ForegroundFuse):
         return ["bindfs", "-f", str(self.src), str(self.mnt)]
 
 
+class BindfsBigWrites(Bindfs):
+    # Debian 12's bindfs links libfuse 2, whose default is 4 KiB write requests.
+    name = "bindfs-bw"
+
+    def argv(self) -> list[str]:
+        return ["bindfs", "-f", "-o", "big_writes", str(self.src), str(self.mnt)]
+
+
 class Gocryptfs(ForegroundFuse):
     name = "gocryptfs"
     tool = apt_package = "gocryptfs"
@@ -430,15 +477,22 @@ class Gocryptfs(ForegroundFuse):
             self.passfile.chmod(0o600)
         r = subprocess.run(
             ["gocryptfs", "-init", "-q", "-passfile", str(self.passfile), str(src)],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if r.returncode != 0:
             raise MountError(f"gocryptfs -init: {one_line(r.stderr or r.stdout)}")
 
     def argv(self) -> list[str]:
         return [
-            "gocryptfs", "-fg", "-q", "-passfile", str(self.passfile),
-            str(self.src), str(self.mnt),
+            "gocryptfs",
+            "-fg",
+            "-q",
+            "-passfile",
+            str(self.passfile),
+            str(self.src),
+            str(self.mnt),
         ]
 
 
@@ -470,8 +524,14 @@ class IsofsCli(Contender):
         )
         argv = [sys.executable, "-m", "isofs", *args]
         r = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, env=env,
-            stdin=subprocess.DEVNULL, cwd=self.work,
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            cwd=self.work,
+            start_new_session=True,
         )
         with open(self.log, "a") as log:
             log.write(f"--- {' '.join(argv)} -> {r.returncode}\n{r.stdout}{r.stderr}")
@@ -518,13 +578,35 @@ class IsofsCli(Contender):
 #       mount_args = ["--default-view", "target"]
 #
 CONTENDERS: dict[str, type[Contender]] = {
-    c.name: c for c in (Native, Minimal, Bindfs, IsofsCli, Gocryptfs)
+    c.name: c for c in (Native, Minimal, Bindfs, IsofsCli, Gocryptfs, BindfsBigWrites)
 }
 DEFAULT_CONTENDERS = ["native", "minimal", "bindfs", "isofs"]
 
 # Ratio columns: (numerator, denominator). Only those whose both sides ran are shown.
 RATIO_BASES = ["native"]
 EXTRA_RATIOS = [("isofs", "minimal")]
+
+
+def _git_describe() -> str:
+    """Commit of the isofs tree being measured, '+' if it has local changes."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    if head.returncode != 0:
+        return "not a git checkout"
+    return head.stdout.strip() + (" + local changes" if dirty.stdout.strip() else "")
 
 
 def _pkg_version(name: str) -> str:
@@ -630,7 +712,8 @@ class Ctx:
     block: bytes = field(repr=False, default=b"")
 
     def wants(self, *rows: str) -> bool:
-        return any(r in self.selected for r in rows)
+        """Is any of these rows (shell patterns allowed) selected?"""
+        return any(fnmatch.filter(self.selected, r) for r in rows)
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -695,15 +778,11 @@ def run_workloads(c: Contender, ctx: Ctx, record: Callable[[str, float], None]) 
         big.unlink()
         os.sync()
 
-    # 5-7, 9: many small files -----------------------------------------------------
-    many_rows = (
-        "create-10k", "list-scandir-cold", "list-scandir-warm", "list-ls-cold",
-        "list-ls-warm", "unlink-10k",
-    )
-    if ctx.wants(*many_rows):
-        many = d / "many"
+    # 5-7: many small files --------------------------------------------------------
+    many = d / "many"
+    names = [str(many / f"file{i:05d}.txt") for i in range(s.small_files)]
+    if ctx.wants("create-10k", "list-*", "unlink-10k"):
         many.mkdir()
-        names = [str(many / f"file{i:05d}.txt") for i in range(s.small_files)]
         payload = (b"0123456789abcdef" * ((s.small_file_bytes + 15) // 16))[: s.small_file_bytes]
 
         def create() -> None:
@@ -731,15 +810,9 @@ def run_workloads(c: Contender, ctx: Ctx, record: Callable[[str, float], None]) 
         for kind, fn in (("scandir", scandir), ("ls", ls)):
             if ctx.wants(f"list-{kind}-cold"):
                 cold()
-                many = c.data_dir / "many"
                 record(f"list-{kind}-cold", timed(fn))
             if ctx.wants(f"list-{kind}-warm"):
                 record(f"list-{kind}-warm", timed(fn))
-
-        if ctx.wants("unlink-10k"):
-            record("unlink-10k", timed(lambda: [os.unlink(n) for n in names]))
-            many.rmdir()
-        os.sync()
 
     # 8: untar ---------------------------------------------------------------------
     if ctx.wants("untar"):
@@ -748,6 +821,12 @@ def run_workloads(c: Contender, ctx: Ctx, record: Callable[[str, float], None]) 
         dest.mkdir()
         argv = ["tar", "-xf", str(ctx.tarball), "-C", str(dest)]
         record("untar", timed(lambda: subprocess.run(argv, check=True)))
+        os.sync()
+
+    # 9: unlink the small files ----------------------------------------------------
+    if ctx.wants("unlink-10k"):
+        record("unlink-10k", timed(lambda: [os.unlink(n) for n in names]))
+        many.rmdir()
         os.sync()
 
 
@@ -786,16 +865,16 @@ def ratio_pairs(names: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def render_table(
-    rows: list[Row], names: list[str], med: dict[str, dict[str, float]]
-) -> str:
+def render_table(rows: list[Row], names: list[str], med: dict[str, dict[str, float]]) -> str:
     pairs = ratio_pairs(names)
     header = ["row", "unit", *names, *(f"{a}/{b}" for a, b in pairs)]
     lines = []
     for row in rows:
         vals = [med.get(n, {}).get(row.name) for n in names]
-        ratios = [speed_ratio(row, med.get(a, {}).get(row.name), med.get(b, {}).get(row.name))
-                  for a, b in pairs]
+        ratios = [
+            speed_ratio(row, med.get(a, {}).get(row.name), med.get(b, {}).get(row.name))
+            for a, b in pairs
+        ]
         lines.append(
             [row.name, row.unit, *map(fmt, vals), *(f"{r:.2f}x" if r else "-" for r in ratios)]
         )
@@ -833,6 +912,25 @@ def render_spread(
     return "\n".join(out)
 
 
+def _pressure(kind: str) -> float | None:
+    """% of the last 60 s in which some task waited for ``kind`` (PSI), if available."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/pressure/{kind}") as f:
+        return float(f.readline().split()[2].split("=")[1])
+    return None
+
+
+def describe_load() -> str:
+    """Load average and CPU/IO pressure, flagged when other work is likely to skew results."""
+    load1 = os.getloadavg()[0]
+    cpu, io_ = _pressure("cpu"), _pressure("io")
+    text = f"loadavg {load1:.2f} on {os.cpu_count()} CPUs"
+    if cpu is not None and io_ is not None:
+        text += f", pressure cpu {cpu:.0f}% io {io_:.0f}% (60 s)"
+    if load1 > 0.5 * (os.cpu_count() or 1) or (cpu or 0) > 20 or (io_ or 0) > 10:
+        text += "  <- busy machine: expect noisy figures"
+    return text
+
+
 def environment(work: Path, contenders: list[Contender]) -> dict[str, str]:
     cpu = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -854,6 +952,8 @@ def environment(work: Path, contenders: list[Contender]) -> dict[str, str]:
         "trio": _pkg_version("trio"),
         "workdir fs": fs_of(work),
         "root": "yes" if os.geteuid() == 0 else "no (no drop_caches)",
+        "isofs tree": _git_describe(),
+        "load before": describe_load(),
     }
     for c in contenders:
         v = c.version()
@@ -870,22 +970,45 @@ def environment(work: Path, contenders: list[Contender]) -> dict[str, str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="isofs benchmark: native directory vs FUSE contenders.",
-        epilog="rows: " + ", ".join(r.name for r in ROWS)
-        + " | contenders: " + ", ".join(CONTENDERS),
+        epilog="rows: "
+        + ", ".join(r.name for r in ROWS)
+        + " | contenders: "
+        + ", ".join(CONTENDERS),
     )
-    p.add_argument("--quick", action="store_true",
-                   help="1 repetition, smaller sizes, no memory pre-fault")
-    p.add_argument("--only", metavar="ROWS",
-                   help="comma-separated rows to time (shell patterns ok, e.g. 'list-*')")
-    p.add_argument("--contenders", metavar="LIST",
-                   default=",".join(DEFAULT_CONTENDERS),
-                   help=f"comma-separated (default {','.join(DEFAULT_CONTENDERS)})")
-    p.add_argument("--repeat", type=int, metavar="N",
-                   help="repetitions, median reported (default 3; --quick: 1)")
+    p.add_argument(
+        "--quick", action="store_true", help="1 repetition, smaller sizes, no memory pre-fault"
+    )
+    p.add_argument(
+        "--only",
+        metavar="ROWS",
+        help="comma-separated rows to time (shell patterns ok, e.g. 'list-*')",
+    )
+    p.add_argument(
+        "--contenders",
+        metavar="LIST",
+        default=",".join(DEFAULT_CONTENDERS),
+        help=f"comma-separated (default {','.join(DEFAULT_CONTENDERS)})",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        metavar="N",
+        help="repetitions, median reported (default 3; --quick: 1)",
+    )
+    p.add_argument(
+        "--cpu",
+        type=int,
+        metavar="N",
+        help="run the suite and everything it starts (daemons, tar, ls) on CPU N only: "
+        "steadier FUSE round trips on small VMs, no client/daemon overlap",
+    )
     p.add_argument("--json", metavar="FILE", help="save environment and raw samples here")
-    p.add_argument("--workdir", metavar="DIR",
-                   help="create the scratch dir inside DIR (default: the current directory, "
-                        "so that it is on the same filesystem)")
+    p.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="create the scratch dir inside DIR (default: the current directory, "
+        "so that it is on the same filesystem)",
+    )
     args = p.parse_args(argv)
 
     args.contender_names = [n.strip() for n in args.contenders.split(",") if n.strip()]
@@ -906,6 +1029,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     else:
         args.rows = list(ROWS)
 
+    if args.cpu is not None and args.cpu not in os.sched_getaffinity(0):
+        p.error(f"--cpu {args.cpu}: not one of {sorted(os.sched_getaffinity(0))}")
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
     if args.repeat < 1:
@@ -973,12 +1098,18 @@ def _run(args: argparse.Namespace, sizes: Sizes, work: Path, live: list[Contende
         live.append(c)
 
     env = environment(work, contenders)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})  # inherited by every process started from now
+    env["cpu pinning"] = "none" if args.cpu is None else f"everything on CPU {args.cpu}"
+    if set_topdir_flag(work):
+        env["workdir fs"] += ", scratch dir chattr +T"
     width = max(map(len, env))
     for k, v in env.items():
         print(f"  {k:<{width}}  {v}")
     selected = {r.name for r in args.rows}
     print(
-        f"  sizes       file {sizes.file_bytes // MiB} MiB, rand reads {sizes.rand_reads:,},"
+        f"  {'sizes':<{width}}  file {sizes.file_bytes // MiB} MiB,"
+        f" rand reads {sizes.rand_reads:,},"
         f" small files {sizes.small_files:,} x {sizes.small_file_bytes} B,"
         f" tree {sizes.tree_files:,} files, pre-fault {sizes.prefault_bytes // MiB} MiB,"
         f" repeat {args.repeat}",
@@ -989,22 +1120,27 @@ def _run(args: argparse.Namespace, sizes: Sizes, work: Path, live: list[Contende
     if "untar" in selected:
         tarball = work / "tree.tar"
         n, total = build_tree_tar(tarball, sizes.tree_files)
-        print(f"  tarball     {n:,} entries, {total / MiB:.1f} MiB of file data", flush=True)
+        print(
+            f"  {'tarball':<{width}}  {n:,} entries, {total / MiB:.1f} MiB of file data", flush=True
+        )
 
     ctx = Ctx(sizes, selected, Caches(), work, tarball, block=random.Random(SEED).randbytes(MiB))
     samples: dict[str, dict[str, list[float]]] = {c.name: {} for c in contenders}
     errors: dict[str, str] = {}
     active = list(contenders)
+    orders: list[list[str]] = []
     t_start = time.monotonic()
     for rep in range(args.repeat):
         k = rep % len(active) if active else 0
         order = active[k:] + active[:k]
-        print(f"\nrepetition {rep + 1}/{args.repeat}: {', '.join(c.name for c in order)}",
-              flush=True)
+        orders.append([c.name for c in order])
+        print(
+            f"\nrepetition {rep + 1}/{args.repeat}: {', '.join(c.name for c in order)}", flush=True
+        )
         for c in order:
-            src = work / f"src-{c.name}-{rep}"
+            # A random name: see the ext4 notes at set_topdir_flag().
+            src = Path(tempfile.mkdtemp(prefix=f"src-{c.name}-{rep}-", dir=work))
             mnt = work / f"mnt-{c.name}"
-            src.mkdir()
             mnt.mkdir(exist_ok=True)
             got: dict[str, float] = {}
 
@@ -1023,27 +1159,30 @@ def _run(args: argparse.Namespace, sizes: Sizes, work: Path, live: list[Contende
                 print(f"  {c.name:<10} skipped: {msg}", flush=True)
                 active.remove(c)
             finally:
+                # Sources stay until the end of the run: deleting thousands of files now
+                # would slow later creates (see the ext4 notes at set_topdir_flag()).
                 c.unmount()
-                shutil.rmtree(src, ignore_errors=True)
             if got:
-                summary = ", ".join(
-                    f"{r} {fmt(v)}" for r, v in got.items()
-                )
+                summary = ", ".join(f"{r} {fmt(v)}" for r, v in got.items())
                 print(f"  {c.name:<10} {time.monotonic() - t0:5.1f}s  {summary}", flush=True)
         if not active:
             break
 
+    env["load after"] = describe_load()
     names = [c.name for c in contenders if samples[c.name]]
     med = {n: {r: statistics.median(v) for r, v in samples[n].items()} for n in names}
-    print(f"\nresults: median of {args.repeat} ({time.monotonic() - t_start:.0f}s)."
-          " Ratio columns are speed ratios a/b: >1 means a is faster than b, for every"
-          " row (rates: a/b; times: b_time/a_time).")
+    print(
+        f"\nresults: median of {args.repeat} repetition(s), {time.monotonic() - t_start:.0f}s."
+        "\nRatio columns a/b are speed ratios, higher is better everywhere: >1 means a is"
+        " faster than b\n(MiB/s and IOPS rows: a/b; seconds rows: b_time/a_time)."
+    )
     print(render_table(args.rows, names, med))
     if args.repeat > 1 and names:
         print()
         print(render_spread(args.rows, names, samples))
     for n, msg in errors.items():
         print(f"  {n}: {msg}")
+    print(f"load after the run: {env['load after']}")
 
     if args.json:
         doc = {
@@ -1054,6 +1193,7 @@ def _run(args: argparse.Namespace, sizes: Sizes, work: Path, live: list[Contende
             "contenders": names,
             "samples": samples,
             "medians": med,
+            "orders": orders,
             "errors": errors,
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
