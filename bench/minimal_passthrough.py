@@ -395,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"not a directory: {args.source}")
 
     ops = PassthroughOps(source)
+    # pyfuse3's default options, as its passthroughfs example uses them: they include
+    # default_permissions (the kernel checks modes), which every contender here pays for.
     options = set(pyfuse3.default_options)
-    options.discard("default_permissions")
     options.add("fsname=minimal_passthrough")
     if args.debug_fuse:
         options.add("debug")

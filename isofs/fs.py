@@ -28,48 +28,45 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-async def _translate(
-    method: Callable[..., Awaitable[T]], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> T:
-    """Run a handler; OSError becomes its errno, anything unexpected is logged as EIO."""
-    try:
-        return await method(*args, **kwargs)
-    except pyfuse3.FUSEError:
-        raise
-    except OSError as exc:
-        if exc.errno == errno.EIO or not exc.errno:
-            log.error("%s: I/O error: %s", method.__name__, exc)
-        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-    except Exception:
-        log.exception("%s failed", method.__name__)
-        raise pyfuse3.FUSEError(errno.EIO) from None
-
-
 def _errors_to_errno(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Decorate a handler: errno translation, request statistics, --debug logging."""
+    """Decorate a handler: errno translation, request statistics, --debug logging.
+
+    This runs on every request, so it stays one coroutine frame and does no allocation
+    beyond what the statistics need.
+    """
     name = method.__name__
 
     @functools.wraps(method)
     async def wrapper(self: IsoFS, *args: Any) -> T:
         started = time.perf_counter()
-        failed = True
+        failed = False
         try:
-            result = await _translate(method, (self, *args), {})
-            failed = False
-            return result
+            return await method(self, *args)
+        except pyfuse3.FUSEError:
+            failed = True
+            raise
+        except OSError as exc:
+            failed = True
+            if exc.errno == errno.EIO or not exc.errno:
+                log.error("%s: I/O error: %s", name, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            failed = True
+            log.exception("%s failed", name)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
             elapsed = time.perf_counter() - started
-            self.stats.record(name, elapsed, failed, _detail(args))
+            self.stats.record(name, elapsed, failed, args)
             if self.debug:
-                shown = ", ".join(_short(a) for a in args if not isinstance(a, RequestContext))
-                log.debug("%s(%s) -> %s in %.0f us", name, shown,
+                log.debug("%s(%s) -> %s in %.0f us", name, describe_args(args),
                           "error" if failed else "ok", elapsed * 1e6)
 
     return wrapper
 
 
-def _detail(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(a for a in args[:2] if not isinstance(a, RequestContext))
+def describe_args(args: tuple[Any, ...]) -> str:
+    """Request arguments for logs: no request contexts, no long buffers."""
+    return ", ".join(_short(a) for a in args if not isinstance(a, RequestContext))
 
 
 def _short(value: Any) -> str:
@@ -144,7 +141,7 @@ class IsoFS(pyfuse3.Operations):
         super().__init__()
         self.volume = volume
         self.debug = debug
-        self.stats = RequestStats()
+        self.stats = RequestStats(describe=describe_args)
 
     def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
         return Caller(ctx.uid, ctx.gid, self.volume.view_for(ctx.pid, ctx.uid, ctx.gid))

@@ -7,7 +7,9 @@ only touched when a request is slower than the fastest one it already holds.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -29,11 +31,13 @@ class OperationStats:
 
 @dataclass
 class RequestStats:
+    #: Turns a request's arguments into text, only for requests kept as the slowest.
+    describe: Callable[[tuple[Any, ...]], str] = repr
     keep_slowest: int = 10
     operations: dict[str, OperationStats] = field(default_factory=dict)
     _slowest: list[tuple[float, str, str]] = field(default_factory=list)
 
-    def record(self, name: str, seconds: float, failed: bool, detail: object = None) -> None:
+    def record(self, name: str, seconds: float, failed: bool, args: tuple[Any, ...]) -> None:
         stats = self.operations.get(name)
         if stats is None:
             stats = self.operations[name] = OperationStats()
@@ -44,9 +48,9 @@ class RequestStats:
         if seconds > stats.max_s:
             stats.max_s = seconds
         if len(self._slowest) < self.keep_slowest:
-            heapq.heappush(self._slowest, (seconds, name, repr(detail)[:120]))
+            heapq.heappush(self._slowest, (seconds, name, self.describe(args[:2])[:120]))
         elif seconds > self._slowest[0][0]:
-            heapq.heapreplace(self._slowest, (seconds, name, repr(detail)[:120]))
+            heapq.heapreplace(self._slowest, (seconds, name, self.describe(args[:2])[:120]))
 
     def snapshot(self) -> dict[str, object]:
         return {
