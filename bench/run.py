@@ -80,6 +80,14 @@ ROWS: list[Row] = [
     Row("list-ls-warm", "s", False, "the same again at once"),
     Row("untar", "s", False, "`tar -xf` a synthetic source tree (uncompressed tar)"),
     Row("unlink-10k", "s", False, "unlink the N small files"),
+    Row("stat-us", "us", False, "os.stat of each small file once more, microseconds per call"),
+    Row(
+        "alt-view-read",
+        "MiB/s",
+        True,
+        "isofs two-view mounts: this process (target view) and a native-view process read "
+        "one 64 MiB file in turn; the page cache hit ratio of the mount is printed",
+    ),
 ]
 ROW_BY_NAME = {r.name: r for r in ROWS}
 
@@ -515,13 +523,26 @@ class IsofsCli(Contender):
         r = self._cli(["--version"], timeout=30, check=False)
         return one_line(r.stdout) if r.returncode == 0 else ""
 
-    def _cli(
-        self, args: list[str], timeout: float, check: bool = True
-    ) -> subprocess.CompletedProcess:
+    @staticmethod
+    def cli_env() -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
         )
+        return env
+
+    def status(self) -> dict:
+        """The live mount's `isofs status --json` (empty when it cannot be had)."""
+        r = self._cli(["status", "--json", str(self.mnt)], timeout=30, check=False)
+        try:
+            return json.loads(r.stdout) if r.returncode == 0 else {}
+        except ValueError:
+            return {}
+
+    def _cli(
+        self, args: list[str], timeout: float, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        env = self.cli_env()
         argv = [sys.executable, "-m", "isofs", *args]
         r = subprocess.run(
             argv,
@@ -569,22 +590,58 @@ class IsofsCli(Contender):
             self.daemon_pids = []
 
 
-# To add a contender: subclass one of the above (a few lines) and register it here.
-# For example an isofs mount that shows another view:
-#
-#   class IsofsTarget(IsofsCli):
-#       name = "isofs-target"
-#       init_args = ["--provider", "passthrough"]
-#       mount_args = ["--default-view", "target"]
-#
+class IsofsEncrypt(IsofsCli):
+    """The encrypt provider, every process in the target view (a one-view mount)."""
+
+    name = "isofs-encrypt"
+
+    def __init__(self, work: Path) -> None:
+        super().__init__(work)
+        self.passfile = work / "isofs.pass"
+        if not self.passfile.exists():
+            self.passfile.write_text("isofs-bench-not-a-secret\n")
+            self.passfile.chmod(0o600)
+        self.init_args = ["--provider", "encrypt", "--passfile", str(self.passfile)]
+        self.mount_args = ["--passfile", str(self.passfile), "--default-view", "target",
+                           "--no-exec"]
+
+
+class IsofsEncrypt2View(IsofsEncrypt):
+    """The encrypt provider on a real two-view mount: this benchmark's uid gets the target
+    view, everyone else (and `isofs exec --view native`) the native view, so every file name
+    is a per-view nodeid with entry timeout 0."""
+
+    name = "isofs-encrypt-2view"
+
+    def __init__(self, work: Path) -> None:
+        super().__init__(work)
+        self.mount_args = ["--passfile", str(self.passfile), "--target", f"uid={os.geteuid()}"]
+
+
+class IsofsXorpad(IsofsCli):
+    """The example provider (examples/isofs-xorpad), every process in the target view."""
+
+    name = "isofs-xorpad"
+    init_args = ["--provider", "xorpad"]
+    mount_args = ["--default-view", "target", "--no-exec"]
+
+
 CONTENDERS: dict[str, type[Contender]] = {
-    c.name: c for c in (Native, Minimal, Bindfs, IsofsCli, Gocryptfs, BindfsBigWrites)
-}
+    c.name: c
+    for c in (
+        Native, Minimal, Bindfs, IsofsCli, Gocryptfs, BindfsBigWrites,
+        IsofsEncrypt, IsofsEncrypt2View, IsofsXorpad,
+    )
+}  # fmt: skip
 DEFAULT_CONTENDERS = ["native", "minimal", "bindfs", "isofs"]
 
 # Ratio columns: (numerator, denominator). Only those whose both sides ran are shown.
 RATIO_BASES = ["native"]
-EXTRA_RATIOS = [("isofs", "minimal")]
+EXTRA_RATIOS = [
+    ("isofs", "minimal"),
+    ("isofs-encrypt", "gocryptfs"),
+    ("isofs-encrypt-2view", "gocryptfs"),
+]
 
 
 def _git_describe() -> str:
@@ -814,6 +871,11 @@ def run_workloads(c: Contender, ctx: Ctx, record: Callable[[str, float], None]) 
             if ctx.wants(f"list-{kind}-warm"):
                 record(f"list-{kind}-warm", timed(fn))
 
+        if ctx.wants("stat-us"):
+            stat = os.stat
+            dt = timed(lambda: [stat(n) for n in names])
+            record("stat-us", dt / len(names) * 1e6)
+
     # 8: untar ---------------------------------------------------------------------
     if ctx.wants("untar"):
         assert ctx.tarball is not None
@@ -828,6 +890,41 @@ def run_workloads(c: Contender, ctx: Ctx, record: Callable[[str, float], None]) 
         record("unlink-10k", timed(lambda: [os.unlink(n) for n in names]))
         many.rmdir()
         os.sync()
+
+    # 10: alternating views (isofs two-view mounts only) ------------------------------
+    if ctx.wants("alt-view-read") and isinstance(c, IsofsEncrypt2View):
+        record("alt-view-read", alternating_view_read(c, d / "alt.bin"))
+
+
+ALT_FILE_BYTES = 64 * MiB
+ALT_ROUNDS = 6
+
+
+def alternating_view_read(c: IsofsCli, path: Path) -> float:
+    """MiB/s of target-view reads of a file that a native-view process reads in between.
+
+    The native reader switches the file's dentry to its own kernel inode each time, so the
+    kernel drops the target view's pages: what is left is isofs's own page cache.
+    """
+    write_file(path, ALT_FILE_BYTES, b"\xa5" * MiB, fsync=True)
+    reader = (
+        "import sys\n"
+        "with open(sys.argv[1], 'rb') as f:\n"
+        "    while f.read(1 << 20): pass\n"
+    )
+    native_read = [sys.executable, "-m", "isofs", "exec", "--view", "native", "--",
+                   sys.executable, "-c", reader, str(path)]
+    total = 0.0
+    for _ in range(ALT_ROUNDS):
+        subprocess.run(native_read, check=True, env=c.cli_env())
+        total += timed(lambda: read_file(path, MiB))
+    status = c.status()
+    cache = status.get("page_cache", {})
+    note(f"{c.name}: alternating-view reads: isofs page cache hit ratio "
+         f"{cache.get('hit_ratio', 0):.1%} ({cache.get('hits')} hits, {cache.get('misses')} "
+         f"misses); kernel invalidations {status.get('invalidations')}")
+    path.unlink()
+    return ALT_ROUNDS * ALT_FILE_BYTES / MiB / total
 
 
 # --------------------------------------------------------------------------------------

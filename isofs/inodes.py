@@ -102,6 +102,9 @@ class InodeTable:
         except KeyError:
             raise OSError(errno.ESTALE, f"unknown inode {number}") from None
 
+    def find(self, number: int) -> Inode | None:
+        return self._by_number.get(number)
+
     def by_nodeid(self, nodeid: int) -> tuple[Inode, int]:
         number, code = split_nodeid(nodeid)
         return self.get(number), code

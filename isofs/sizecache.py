@@ -16,7 +16,7 @@ computing the size, so a concurrent change makes the entry stale rather than wro
 Timestamps are only as fine as the file system's clock tick: a file rewritten twice within one
 tick, keeping its size, has the same validators before and after. As git does for its index
 ("racily clean" entries), `put` therefore ignores a size whose ``ctime`` is within
-`racy_window_ns` (default 2 s) of now, or in the future; such files are simply recomputed
+`racy_window_ns` (default 0.5 s) of now, or in the future; such files are simply recomputed
 until they are older. Pass ``racy_window_ns=0`` to trust every timestamp.
 
 The value is a `CachedSize`: the logical size (an ``int``), or `NOT_FORMATTED` when the native
@@ -82,7 +82,7 @@ DB_FILE_NAME: Final = "sizecache.db"
 #: Version of the on-disk schema; a file with any other version is recreated.
 SCHEMA_VERSION: Final = 1
 DEFAULT_MAX_ENTRIES: Final = 250_000
-DEFAULT_RACY_WINDOW_NS: Final = 2_000_000_000
+DEFAULT_RACY_WINDOW_NS: Final = 500_000_000
 
 _I64_MIN: Final = -(1 << 63)
 _I64_MAX: Final = (1 << 63) - 1

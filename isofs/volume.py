@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 #: Bounds how late a change made behind the mount's back is seen.
 SHARED_TTL = 1.0
 MAX_CALLERS_SHOWN = 50
+#: Sections kept (with their pages) after the kernel forgot their file.
+MAX_IDLE_SECTIONS = 256
 
 
 @dataclass(slots=True)
@@ -145,6 +148,9 @@ class Volume:
         #: Per view: requests per caller executable (the first MAX_CALLERS_SHOWN of them).
         self.callers_seen: dict[str, dict[str, int]] = {view: {} for view in views}
         self.sections: dict[tuple[int, str], Section] = {}
+        #: Sections whose file the kernel forgot, oldest first (kept for their pages).
+        self._idle_sections: OrderedDict[tuple[int, str], None] = OrderedDict()
+        self.views = views
         self._next_section = itertools.count(1)
         self._handles: dict[int, FileHandle] = {}
         self._dir_handles: dict[int, DirHandle] = {}
@@ -618,6 +624,7 @@ class Volume:
         key = (inode.number, view)
         section = self.sections.get(key)
         if section is not None:
+            self._idle_sections.pop(key, None)
             if fd is not None:
                 os.close(fd)
             if section.native_changed():  # changed behind our back: reload before next use
@@ -633,7 +640,7 @@ class Volume:
             self.cache,
             self.page_size,
             label,
-            on_write_back=lambda: self._after_change(inode, view),
+            on_write_back=lambda: self._section_wrote(inode.number, view),
         )
         self.sections[key] = section  # registered before the first await: one per key
         try:
@@ -642,6 +649,16 @@ class Volume:
             self._drop_section(key)
             raise
         return section
+
+    def _section_wrote(self, number: int, view: str) -> None:
+        """A section changed its native file: the other views must not trust their caches."""
+        inode = self.inodes.find(number)
+        if inode is not None:
+            self._after_change(inode, view)
+            return
+        for (other, other_view), section in self.sections.items():
+            if other == number and other_view != view:
+                section.mark_stale()
 
     def _open_native_rw(self, inode: Inode) -> int:
         try:
@@ -801,12 +818,24 @@ class Volume:
             self._release_inode(handle.inode)
 
     def _release_inode(self, inode: Inode) -> None:
-        """Close an inode nobody references, with its sections (already written back)."""
+        """Close an inode nobody references.
+
+        Its sections outlive it (bounded): when views alternate on a file, the kernel forgets
+        one view's inode at every switch, and the section's pages are what make the next
+        read of that view a cache hit. Keeping them is safe: a section's open descriptor pins
+        the native inode, so its number cannot be reused for another file meanwhile.
+        """
         if self.inodes.release_if_unused(inode):
             if self.names is not None:
                 self.names.forget(inode.number)
-            for key in [k for k in self.sections if k[0] == inode.number]:
-                self._drop_section(key)
+            for view in self.views:
+                if (inode.number, view) in self.sections:
+                    self._idle_sections[(inode.number, view)] = None
+            while len(self._idle_sections) > MAX_IDLE_SECTIONS:
+                key, _ = self._idle_sections.popitem(last=False)
+                section = self.sections.get(key)
+                if section is not None and not section.handles and not section.dirty:
+                    self._drop_section(key)
 
     async def flush_all(self) -> None:
         """Write back every section (periodically and before unmount)."""

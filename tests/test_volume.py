@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from isofs_xorpad import HEADER_SIZE, MAGIC, XorPadLayer, keystream, xor_at
 
+import isofs.volume as volume_module
 from isofs import native
 from isofs.callers import Caller as ProcessCaller
 from isofs.callers import ResolverStatistics
@@ -803,9 +804,33 @@ async def test_open_handle_keeps_inode_after_forget(env: Env) -> None:
     await vol.release(fh)
     assert len(vol.inodes) == before
     assert not fd_is_open(t.inode.path_fd)
-    assert not fd_is_open(section.native_fd)
-    assert vol.sections == {}
     assert decode_path(env.path("enc"))[:1] == b"Z"
+    # the section outlives the forgotten inode: the same file looked up again finds it,
+    # pages and all (views alternating on a file make the kernel forget it at every switch)
+    assert vol.sections[(t.inode.number, "target")] is section
+    assert fd_is_open(section.native_fd)
+    t2 = vol.lookup(ROOT, "enc", TARGET)
+    fh2, _ = await vol.open(t2.nodeid, os.O_RDONLY, TARGET)
+    assert vol.handle(fh2).section is section
+    hits = vol.cache.statistics().hits
+    assert await vol.read(fh2, 0, 1) == b"Z"
+    assert vol.cache.statistics().hits == hits + 1
+    await vol.release(fh2)
+    vol.forget(t2.nodeid, 1)
+
+
+async def test_idle_sections_are_bounded(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(volume_module, "MAX_IDLE_SECTIONS", 0)
+    vol = env.vol
+    t = vol.lookup(ROOT, "enc", TARGET)
+    fh, _ = await vol.open(t.nodeid, os.O_RDONLY, TARGET)
+    section = vol.handle(fh).section
+    assert section is not None
+    assert await vol.read(fh, 0, 1) == env.enc_content[:1]
+    await vol.release(fh)
+    vol.forget(t.nodeid, 1)
+    assert vol.sections == {}
+    assert not fd_is_open(section.native_fd)
     assert vol.cache.statistics().pages == 0
 
 
