@@ -32,7 +32,7 @@ from isofs.fs import IsoFS, KernelInvalidator
 from isofs.pagecache import DEFAULT_BUDGET, PageCache
 from isofs.policy import Policy
 from isofs.provider import ProviderError, SecretSource, SetupRequest, Stack
-from isofs.runtime import MountRecord, is_mounted
+from isofs.runtime import MountRecord, is_mounted, mount_device
 from isofs.sizecache import DB_FILE_NAME, SizeCache
 from isofs.source import META_DIR_NAME, load_stack
 from isofs.volume import Volume
@@ -40,6 +40,7 @@ from isofs.volume import Volume
 log = logging.getLogger("isofs")
 
 PR_SET_DUMPABLE = 4
+READAHEAD_KB = 1024
 #: Seconds dirty pages may wait before the daemon writes them back on its own.
 WRITE_BACK_INTERVAL = 5.0
 
@@ -226,6 +227,31 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
     return 0
 
 
+async def _raise_readahead(mountpoint: str) -> None:
+    """Ask the kernel for 1 MiB read requests instead of 128 KiB (measured ~1.5x cold reads).
+
+    The knob is the mount's backing-device readahead; only root may set it. Best effort. The
+    kernel clamps it when it processes FUSE_INIT, so it is set once the session runs; the
+    device comes from the mount table (a stat() of the mount point would be a request to
+    this very daemon).
+    """
+    device = mount_device(mountpoint)
+    if device is None:
+        return
+    knob = f"/sys/class/bdi/{device}/read_ahead_kb"
+    for _ in range(20):
+        await trio.sleep(0.05)
+        try:
+            with open(knob, "r+") as f:
+                if int(f.read()) >= READAHEAD_KB:
+                    return
+                f.seek(0)
+                f.write(str(READAHEAD_KB))
+        except (OSError, ValueError) as exc:
+            log.info("read-ahead left at the kernel default: %s", exc)
+            return
+
+
 def _keep_secrets_out_of_dumps() -> None:
     """Keys live in this process: no core dumps, and no ptrace or /proc/PID/mem by others."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -243,6 +269,7 @@ async def _main_loop(
         nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
         nursery.start_soon(_write_back_periodically, volume)
         nursery.start_soon(serve_control, control, status)
+        nursery.start_soon(_raise_readahead, status()["mountpoint"])
         await pyfuse3.main()
         ended_by_kernel = True
         nursery.cancel_scope.cancel()

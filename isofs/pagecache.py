@@ -122,11 +122,19 @@ class PageCache:
 
     def drop(self, section: int, from_index: int = 0) -> None:
         """Forget pages of a section from `from_index` on, dirty ones included."""
+        self.drop_range(section, from_index, None)
+
+    def drop_range(self, section: int, start: int, stop: int | None) -> None:
+        """Forget pages start..stop-1 (stop None: to the end), dirty ones included."""
         indexes = self._by_section.get(section)
         if not indexes:
             return
         dirty = self._dirty.get(section, set())
-        for index in [i for i in indexes if i >= from_index]:
+        if stop is not None and stop - start < len(indexes):
+            doomed = [i for i in range(start, stop) if i in indexes]
+        else:
+            doomed = [i for i in indexes if i >= start and (stop is None or i < stop)]
+        for index in doomed:
             indexes.discard(index)
             page = self._pages.pop((section, index))
             self._bytes -= len(page)

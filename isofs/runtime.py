@@ -94,6 +94,17 @@ def mounted_filesystems() -> dict[str, str]:
     return table
 
 
+def mount_device(path: str) -> str | None:
+    """The "major:minor" of the filesystem mounted at `path` (without touching the mount)."""
+    device = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split(" - ", 1)[0].split()
+            if len(fields) >= 5 and _unescape(fields[4]) == path:
+                device = fields[2]
+    return device
+
+
 def is_mounted(path: str) -> bool:
     return path in mounted_filesystems()
 

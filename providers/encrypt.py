@@ -471,6 +471,8 @@ class EncryptLayer(Layer):
     """Opens and creates files in the encrypted format with one master key's subkeys."""
 
     block_size = BLOCK_SIZE
+    #: Aligned writes of disjoint blocks touch disjoint native ranges and no shared state.
+    parallel_writes = True
 
     def __init__(
         self,
