@@ -21,7 +21,13 @@ from isofs.execview import ExecError, join_view_group
 from isofs.pagecache import DEFAULT_BUDGET
 from isofs.policy import KNOWN_VIEWS
 from isofs.provider import ProviderError, SetupRequest, available_providers
-from isofs.secrets import ForwardedSecrets, InteractiveSecrets, receive_secrets, send_secrets
+from isofs.secrets import (
+    ForwardedSecrets,
+    InteractiveSecrets,
+    KeyFileSecrets,
+    receive_secrets,
+    send_secrets,
+)
 from isofs.source import init_source, is_initialised, load_stack, meta_dir_of
 
 
@@ -387,7 +393,7 @@ def cmd_providers(args: argparse.Namespace) -> int:
 def cmd_passwd(args: argparse.Namespace) -> int:
     from isofs import maintenance
 
-    old = maintenance.KeyFileSecrets(args.keyfile) if args.keyfile else _secrets(args)
+    old = KeyFileSecrets(args.keyfile) if args.keyfile else _secrets(args)
     if args.new_passfile is None and not sys.stdin.isatty():
         raise CommandError("a new passphrase is needed: use --new-passfile or a terminal")
     new = InteractiveSecrets(passfile=args.new_passfile)

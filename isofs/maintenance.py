@@ -238,30 +238,7 @@ def exclusive(meta_dir: Path, *, required: bool = True) -> Iterator[None]:
         os.close(fd)
 
 
-def _name_transform(stack: Stack) -> NameTransform | None:
-    return getattr(stack, "name_transform", None)
-
-
 # ----------------------------------------------------------------------------- passwd
-
-
-class KeyFileSecrets:
-    """A SecretSource whose passphrase is a key file's exact bytes (docs/FORMAT-encrypt.md)."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-
-    def passphrase(self, prompt: str, *, confirm: bool = False) -> bytes:
-        try:
-            data = self.path.read_bytes()
-        except OSError as exc:
-            raise MaintenanceError(f"cannot read key file {self.path}: {exc.strerror}") from None
-        if not data:
-            raise MaintenanceError(f"key file {self.path} is empty")
-        return data
-
-    def master_key(self) -> bytes | None:
-        return None
 
 
 def change_passphrase(
@@ -684,7 +661,7 @@ def fsck(
     root = Path(source)
     meta_dir = meta_dir_of(root)
     report = FsckReport(os.fspath(source), repair=repair)
-    transform = _name_transform(stack)
+    transform = stack.name_transform
     stamp = stamp or _utc_stamp()
     walk = _Walk(root)
     entries = sorted(walk)
@@ -939,7 +916,7 @@ def migrate(
     warn = warn or _default_warn
     root = Path(source)
     report = MigrateReport(os.fspath(source))
-    transform = _name_transform(stack)
+    transform = stack.name_transform
     walk = _Walk(root)
     candidates: list[tuple[str, int]] = []
     for rel, st in walk:

@@ -146,17 +146,24 @@ def xattr_target(path_fd: int, is_symlink: bool) -> str:
 
 
 def raise_fd_limit() -> int:
-    """Lift RLIMIT_NOFILE to its hard limit: every remembered inode holds an O_PATH fd."""
+    """Lift RLIMIT_NOFILE as far as allowed: every remembered inode holds an O_PATH fd.
+
+    Root may also raise the hard limit, up to the kernel's fs.nr_open.
+    """
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard
-        if hard == resource.RLIM_INFINITY:
-            target = 1 << 20
+    if os.geteuid() == 0:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            return target
-        except (ValueError, OSError):
-            return soft
-    return soft
+            with open("/proc/sys/fs/nr_open") as f:
+                ceiling = int(f.read())
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, ceiling))
+            return ceiling
+        except (OSError, ValueError):
+            pass
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    except (ValueError, OSError):
+        return soft

@@ -105,6 +105,8 @@ class Section:
         self.handles = 0
         #: Set when the native file changed under us; the next read or write reloads first.
         self.stale = True
+        #: Set by attach(): the upper file must be rebuilt on the new descriptor.
+        self._rebind = False
 
     async def load(self) -> None:
         """Open the upper file (reads the header in a worker thread)."""
@@ -378,6 +380,10 @@ class Section:
         if not self.stale:
             return
         if not self.native_changed():
+            if self._rebind:  # same file, new descriptor: only the upper file is rebuilt
+                upper = self.stack.open(self.lower)
+                self.upper = upper if upper is not None else self.lower
+                self._rebind = False
             self.stale = False  # nothing changed after all: keep pages and pending writes
             return
         if self.dirty:
@@ -388,12 +394,35 @@ class Section:
         self.upper = upper if upper is not None else self.lower
         self.size = self.stored_size = self.upper.size()
         self._refresh_validators()
-        self.stale = False
+        self.stale = self._rebind = False
+
+    @property
+    def attached(self) -> bool:
+        return self.native_fd >= 0
+
+    def detach(self) -> None:
+        """Give back the native descriptor when no handle uses the section; pages stay.
+
+        A section per file ever opened would otherwise hold a descriptor per file (10,000
+        created files: 10,000 descriptors). The validators decide at the next attach whether
+        the pages still describe the file.
+        """
+        if self.attached and not self.handles and not self.dirty:
+            os.close(self.native_fd)
+            self.native_fd = -1
+
+    def attach(self, fd: int) -> None:
+        """Take a fresh read-write descriptor on the file; the next use validates the pages."""
+        self.native_fd = fd
+        self.lower = NativeFile(fd)
+        self._rebind = self.stale = True
 
     def close(self) -> None:
         """Forget pages and close the native descriptor (after a final flush)."""
         self.cache.drop(self.id)
-        os.close(self.native_fd)
+        if self.attached:
+            os.close(self.native_fd)
+            self.native_fd = -1
 
 
 def _runs(indexes: list[int]) -> list[tuple[int, int]]:

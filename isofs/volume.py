@@ -332,6 +332,7 @@ class Volume:
             section = await self._section(inode, view)
             await section.ensure_formatted()
             await section.truncate(size)
+            section.detach()
         else:
             await self._before_native_change(inode)
             native.truncate(inode.path_fd, size)
@@ -625,7 +626,9 @@ class Volume:
         section = self.sections.get(key)
         if section is not None:
             self._idle_sections.pop(key, None)
-            if fd is not None:
+            if not section.attached:
+                section.attach(fd if fd is not None else self._open_native_rw(inode))
+            elif fd is not None:
                 os.close(fd)
             if section.native_changed():  # changed behind our back: reload before next use
                 section.mark_stale()
@@ -811,6 +814,7 @@ class Volume:
             if handle.section is not None:
                 handle.section.handles -= 1
                 await handle.section.flush()
+                handle.section.detach()
         finally:
             if handle.fd >= 0:
                 os.close(handle.fd)

@@ -33,6 +33,7 @@ from isofs.provider import (
     SecretSource,
     SetupRequest,
 )
+from isofs.secrets import KeyFileSecrets
 
 # --- content format --------------------------------------------------------------------------
 
@@ -551,25 +552,6 @@ def parse_master_key(text: str | bytes | bytearray) -> bytearray:
     if len(key) != MASTER_KEY_SIZE:
         raise ProviderError(f"master key must be 64 hex digits, got {len(digits)}")
     return key
-
-
-class KeyFileSecrets:
-    """A SecretSource whose passphrase is a key file's exact bytes (no newline stripping)."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-
-    def passphrase(self, prompt: str, *, confirm: bool = False) -> bytes:
-        try:
-            data = self.path.read_bytes()
-        except OSError as exc:
-            raise ProviderError(f"cannot read key file {self.path}: {exc.strerror}") from None
-        if not data:
-            raise ProviderError(f"key file {self.path} is empty")
-        return data
-
-    def master_key(self) -> bytes | None:
-        return None
 
 
 def _option_int(options: Mapping[str, Any], key: str, default: int, limits: tuple[int, int]) -> int:

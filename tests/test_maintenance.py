@@ -19,7 +19,7 @@ from isofs_providers.encrypt import BLOCK_SIZE, HEADER_SIZE, NATIVE_BLOCK_SIZE
 from isofs import maintenance, runtime
 from isofs.maintenance import MaintenanceError
 from isofs.provider import ProviderError, SetupRequest, Stack
-from isofs.secrets import InteractiveSecrets
+from isofs.secrets import InteractiveSecrets, KeyFileSecrets
 from isofs.sections import NativeFile
 from isofs.source import init_source, load_stack, meta_dir_of
 
@@ -198,7 +198,7 @@ def test_passwd_with_master_key_and_key_file(tmp_path: Path) -> None:
     keyfile.write_bytes(b"\x00binary key\nwith newline\n")
     old = InteractiveSecrets(masterkey=report["master_key"])
     # The new passphrase from a key file source: its exact bytes.
-    maintenance.change_passphrase(src, old, maintenance.KeyFileSecrets(keyfile))
+    maintenance.change_passphrase(src, old, KeyFileSecrets(keyfile))
     stack = load_stack(meta_dir_of(src), SetupRequest(options={"keyfile": str(keyfile)}))
     assert not stack.is_identity
 

@@ -808,7 +808,9 @@ async def test_open_handle_keeps_inode_after_forget(env: Env) -> None:
     # the section outlives the forgotten inode: the same file looked up again finds it,
     # pages and all (views alternating on a file make the kernel forget it at every switch)
     assert vol.sections[(t.inode.number, "target")] is section
-    assert fd_is_open(section.native_fd)
+    old_fd = section.native_fd
+    assert not section.attached  # no handle: it gave its descriptor back, kept its pages
+    assert old_fd == -1
     t2 = vol.lookup(ROOT, "enc", TARGET)
     fh2, _ = await vol.open(t2.nodeid, os.O_RDONLY, TARGET)
     assert vol.handle(fh2).section is section
@@ -827,10 +829,11 @@ async def test_idle_sections_are_bounded(env: Env, monkeypatch: pytest.MonkeyPat
     section = vol.handle(fh).section
     assert section is not None
     assert await vol.read(fh, 0, 1) == env.enc_content[:1]
+    fd = section.native_fd
     await vol.release(fh)
     vol.forget(t.nodeid, 1)
     assert vol.sections == {}
-    assert not fd_is_open(section.native_fd)
+    assert not fd_is_open(fd)
     assert vol.cache.statistics().pages == 0
 
 
@@ -1302,3 +1305,17 @@ def test_random_operations_in_both_views_match_a_model(tmp_path: Path, ops: list
             trio.run(_drive, env, ops)
         finally:
             env.close()
+
+
+async def test_sections_without_handles_hold_no_descriptor(env: Env) -> None:
+    """10,000 files written through a transformed view must not cost 10,000 descriptors."""
+    vol = env.vol
+    for i in range(40):
+        fh, entry = await vol.create(ROOT, f"many{i}", 0o100644, os.O_WRONLY | os.O_CREAT, TARGET)
+        await vol.write(fh, 0, b"x" * 100)
+        await vol.release(fh)
+    sections = [s for (n, v), s in vol.sections.items() if v == "target"]
+    assert len(sections) >= 40
+    assert not any(s.attached for s in sections)
+    t = vol.lookup(ROOT, "many7", TARGET)
+    assert await open_read(vol, t.nodeid, TARGET) == b"x" * 100  # attaches again, reads
