@@ -1311,7 +1311,7 @@ async def test_sections_without_handles_hold_no_descriptor(env: Env) -> None:
     """10,000 files written through a transformed view must not cost 10,000 descriptors."""
     vol = env.vol
     for i in range(40):
-        fh, entry = await vol.create(ROOT, f"many{i}", 0o100644, os.O_WRONLY | os.O_CREAT, TARGET)
+        fh, _ = await vol.create(ROOT, f"many{i}", 0o100644, os.O_WRONLY | os.O_CREAT, TARGET)
         await vol.write(fh, 0, b"x" * 100)
         await vol.release(fh)
     sections = [s for (n, v), s in vol.sections.items() if v == "target"]
