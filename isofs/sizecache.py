@@ -238,11 +238,15 @@ class SizeCache:
         self._misses += 1
         return None
 
-    def put(self, key: SizeKey, validators: Validators, value: CachedSize) -> None:
+    def put(
+        self, key: SizeKey, validators: Validators, value: CachedSize, *, exact: bool = False
+    ) -> None:
         """Remember `value` for `key` as computed from a native file with `validators`.
 
         Only marks the key dirty; `flush` persists it. Ignored (counted in `skipped_puts`)
         when the ctime is racily recent or a number does not fit SQLite's signed 64 bits.
+        `exact`: the caller wrote the file itself and knows the value without having read it
+        (the filesystem after its own write-back), so a recent ctime is no reason to doubt it.
         """
         if value is not NOT_FORMATTED and (type(value) is not int or value < 0):
             raise ValueError(f"a logical size must be an int >= 0 or NOT_FORMATTED: {value!r}")
@@ -251,7 +255,7 @@ class SizeCache:
             raise ValueError(f"not an (st_dev, st_ino) pair: {key!r}")
         size, mtime_ns, ctime_ns = validators
         if (
-            time.time_ns() - ctime_ns < self._racy_window_ns
+            (not exact and time.time_ns() - ctime_ns < self._racy_window_ns)
             or not _I64_MIN <= mtime_ns <= _I64_MAX
             or not _I64_MIN <= ctime_ns <= _I64_MAX
             or not 0 <= size <= _I64_MAX

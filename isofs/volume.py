@@ -653,15 +653,23 @@ class Volume:
             raise
         return section
 
+    def _sections_of(self, number: int, but: str | None = None) -> list[Section]:
+        """The sections of one file (one per transformed view), without scanning them all."""
+        found = []
+        for view in self.views:
+            section = self.sections.get((number, view))
+            if section is not None and view != but:
+                found.append(section)
+        return found
+
     def _section_wrote(self, number: int, view: str) -> None:
         """A section changed its native file: the other views must not trust their caches."""
         inode = self.inodes.find(number)
         if inode is not None:
             self._after_change(inode, view)
             return
-        for (other, other_view), section in self.sections.items():
-            if other == number and other_view != view:
-                section.mark_stale()
+        for section in self._sections_of(number, but=view):
+            section.mark_stale()
 
     def _open_native_rw(self, inode: Inode) -> int:
         try:
@@ -678,9 +686,8 @@ class Volume:
 
     async def _before_native_change(self, inode: Inode) -> None:
         """Write back transformed views' pending pages before native bytes change under them."""
-        for (number, _view), section in list(self.sections.items()):
-            if number == inode.number:
-                await section.flush()
+        for section in self._sections_of(inode.number):
+            await section.flush()
 
     def _after_change(self, inode: Inode, view: str) -> None:
         """Native bytes of `inode` changed through `view`: make every other view fresh.
@@ -690,9 +697,8 @@ class Volume:
         """
         own = self._code_for(inode, view)
         inode.kernel_seen = {own: native.Validators.of(native.fstat(inode.path_fd))}
-        for (number, section_view), section in self.sections.items():
-            if number == inode.number and section_view != view:
-                section.mark_stale()
+        for section in self._sections_of(inode.number, but=view):
+            section.mark_stale()
         if self.is_multi_view(inode):
             for nodeid in inode.nodeids():
                 if nodeid != make_nodeid(inode.number, own):
@@ -814,12 +820,21 @@ class Volume:
             if handle.section is not None:
                 handle.section.handles -= 1
                 await handle.section.flush()
+                self._remember_size(handle.inode, handle.section)
                 handle.section.detach()
         finally:
             if handle.fd >= 0:
                 os.close(handle.fd)
             handle.inode.open_handles -= 1
             self._release_inode(handle.inode)
+
+    def _remember_size(self, inode: Inode, section: Section) -> None:
+        """A section's exact logical size goes to the size cache, so listings after a remount
+        need not open the file to learn it."""
+        if section.stale or section.dirty or not section.attached:
+            return
+        value = section.size if section.formatted else NOT_FORMATTED
+        self.sizes.put(inode.key, section.validators, value, exact=True)
 
     def _release_inode(self, inode: Inode) -> None:
         """Close an inode nobody references.
