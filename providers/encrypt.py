@@ -160,7 +160,7 @@ class EncryptedFile:
         nonce = os.urandom(NONCE_SIZE)
         return nonce + self._aead.encrypt(nonce, plain, self._aad(n))
 
-    def _is_hole(self, raw: bytes) -> bool:
+    def _is_hole(self, raw: bytes | memoryview) -> bool:
         # Checking the nonce first keeps the common (non-hole) case to a 12-byte compare.
         return (
             self._allow_holes
@@ -168,7 +168,7 @@ class EncryptedFile:
             and raw == _ZERO_NATIVE_BLOCK[: len(raw)]
         )
 
-    def _decrypt_block(self, n: int, raw: bytes) -> bytes:
+    def _decrypt_block(self, n: int, raw: bytes | memoryview) -> bytes:
         if len(raw) <= BLOCK_OVERHEAD:
             raise CorruptData(f"encrypt: block {n} is truncated ({len(raw)} native bytes)")
         if self._is_hole(raw):
@@ -180,15 +180,19 @@ class EncryptedFile:
                 f"encrypt: block {n} failed authentication (tampered, moved or torn)"
             ) from None
 
-    def _read_raw(self, first: int, last: int) -> list[bytes]:
-        """Native bytes of blocks first..last with one lower read (all must exist)."""
-        raw = self._lower.read(_block_offset(first), (last - first + 1) * NATIVE_BLOCK_SIZE)
-        chunks = []
-        for i, n in enumerate(range(first, last + 1)):
-            chunk = raw[i * NATIVE_BLOCK_SIZE : (i + 1) * NATIVE_BLOCK_SIZE]
-            if not chunk:
-                raise CorruptData(f"encrypt: block {n} is missing (native file shrank)")
-            chunks.append(chunk)
+    def _read_raw(self, first: int, last: int) -> list[memoryview]:
+        """Native bytes of blocks first..last with one lower read (all must exist).
+
+        The blocks are views into that one buffer: copying 4 KiB slices was a fifth of the
+        cost of a large read.
+        """
+        raw = memoryview(
+            self._lower.read(_block_offset(first), (last - first + 1) * NATIVE_BLOCK_SIZE)
+        )
+        chunks = [raw[i : i + NATIVE_BLOCK_SIZE] for i in range(0, len(raw), NATIVE_BLOCK_SIZE)]
+        if len(chunks) < last - first + 1:
+            n = first + len(chunks)
+            raise CorruptData(f"encrypt: block {n} is missing (native file shrank)")
         return chunks
 
     def _read_blocks(self, first: int, last: int) -> bytes:
