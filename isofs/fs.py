@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from isofs.stats import RequestStats
-from isofs.volume import Caller, Entry, Volume
+from isofs.volume import Entry, Requester, Volume
 
 RequestContext = pyfuse3.RequestContext
 
@@ -143,8 +143,8 @@ class IsoFS(pyfuse3.Operations):
         self.debug = debug
         self.stats = RequestStats(describe=describe_args)
 
-    def _caller(self, ctx: pyfuse3.RequestContext) -> Caller:
-        return Caller(ctx.uid, ctx.gid, self.volume.view_for(ctx.pid, ctx.uid, ctx.gid))
+    def _caller(self, ctx: pyfuse3.RequestContext) -> Requester:
+        return Requester(ctx.uid, ctx.gid, self.volume.view_for(ctx.pid, ctx.uid, ctx.gid))
 
     # ----------------------------------------------------------------------- names
 

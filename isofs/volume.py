@@ -68,8 +68,11 @@ class Entry:
 
 
 @dataclass(slots=True)
-class Caller:
-    """The identity a request acts with: decides the view and owns what it creates."""
+class Requester:
+    """Who a request acts for: the ids that own what it creates, and its view.
+
+    (The process behind it, with its executable and cgroup, is `isofs.callers.Caller`.)
+    """
 
     uid: int
     gid: int
@@ -269,7 +272,7 @@ class Volume:
         self.inodes.add_lookup(inode, entry.code)
         return entry
 
-    def lookup(self, parent_nodeid: int, name: str, caller: Caller) -> Entry:
+    def lookup(self, parent_nodeid: int, name: str, caller: Requester) -> Entry:
         self.counters.lookups += 1
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         return self._remember_entry(parent, self._existing(parent, name, caller.view), caller.view)
@@ -343,7 +346,7 @@ class Volume:
         return native.readlink(inode.path_fd)
 
     def _give_to_caller(
-        self, parent: Inode, name: str, caller: Caller, mode: int | None = None
+        self, parent: Inode, name: str, caller: Requester, mode: int | None = None
     ) -> None:
         """Make a new object belong to the caller, as a kernel filesystem would.
 
@@ -364,7 +367,7 @@ class Volume:
         if not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) != wanted:
             os.chmod(name, wanted, dir_fd=parent.path_fd)
 
-    def _truncated_by(self, inode: Inode, caller: Caller) -> None:
+    def _truncated_by(self, inode: Inode, caller: Requester) -> None:
         """An unprivileged truncating open drops setuid (and group-exec setgid), as natively."""
         if caller.uid == 0 or not self.is_root_daemon:
             return
@@ -397,7 +400,7 @@ class Volume:
         if names is not None:
             names.removed(parent.path_fd, native_name)
 
-    def mkdir(self, parent_nodeid: int, name: str, mode: int, caller: Caller) -> Entry:
+    def mkdir(self, parent_nodeid: int, name: str, mode: int, caller: Requester) -> Entry:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         native_name = self._new(parent, name, caller.view)
         os.mkdir(native_name, stat.S_IMODE(mode), dir_fd=parent.path_fd)
@@ -408,34 +411,34 @@ class Volume:
             names.init_directory(entry.inode.number, entry.inode.path_fd)
         return entry
 
-    def mknod(self, parent_nodeid: int, name: str, mode: int, rdev: int, caller: Caller) -> Entry:
+    def mknod(self, parent_nodeid: int, name: str, mode: int, rdev: int, caller: Requester) -> Entry:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         native_name = self._new(parent, name, caller.view)
         os.mknod(native_name, mode, rdev, dir_fd=parent.path_fd)
         self._give_to_caller(parent, native_name, caller, mode)
         return self._remember_entry(parent, native_name, caller.view)
 
-    def symlink(self, parent_nodeid: int, name: str, target: bytes, caller: Caller) -> Entry:
+    def symlink(self, parent_nodeid: int, name: str, target: bytes, caller: Requester) -> Entry:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         native_name = self._new(parent, name, caller.view)
         os.symlink(target, native_name, dir_fd=parent.path_fd)
         self._give_to_caller(parent, native_name, caller)
         return self._remember_entry(parent, native_name, caller.view)
 
-    def link(self, nodeid: int, new_parent_nodeid: int, new_name: str, caller: Caller) -> Entry:
+    def link(self, nodeid: int, new_parent_nodeid: int, new_name: str, caller: Requester) -> Entry:
         inode, _ = self.inodes.by_nodeid(nodeid)
         parent, _ = self.inodes.by_nodeid(new_parent_nodeid)
         native_name = self._new(parent, new_name, caller.view)
         native.link(inode.path_fd, parent.path_fd, native_name)
         return self._remember_entry(parent, native_name, caller.view)
 
-    def unlink(self, parent_nodeid: int, name: str, caller: Caller) -> None:
+    def unlink(self, parent_nodeid: int, name: str, caller: Requester) -> None:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         native_name = self._existing(parent, name, caller.view)
         os.unlink(native_name, dir_fd=parent.path_fd)
         self._gone(parent, native_name, caller.view)
 
-    def rmdir(self, parent_nodeid: int, name: str, caller: Caller) -> None:
+    def rmdir(self, parent_nodeid: int, name: str, caller: Requester) -> None:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         native_name = self._existing(parent, name, caller.view)
         names = self._names_for(caller.view)
@@ -452,7 +455,7 @@ class Volume:
         new_parent_nodeid: int,
         new_name: str,
         flags: int,
-        caller: Caller,
+        caller: Requester,
     ) -> None:
         old_parent, _ = self.inodes.by_nodeid(old_parent_nodeid)
         new_parent, _ = self.inodes.by_nodeid(new_parent_nodeid)
@@ -509,7 +512,7 @@ class Volume:
 
     # ----------------------------------------------------------------------- directories
 
-    def opendir(self, nodeid: int, caller: Caller) -> int:
+    def opendir(self, nodeid: int, caller: Requester) -> int:
         inode, _ = self.inodes.by_nodeid(nodeid)
         if not inode.is_dir:
             raise OSError(errno.ENOTDIR, "not a directory")
@@ -706,7 +709,7 @@ class Volume:
 
     # ------------------------------------------------------------------------- files
 
-    async def open(self, nodeid: int, flags: int, caller: Caller) -> tuple[int, bool]:
+    async def open(self, nodeid: int, flags: int, caller: Requester) -> tuple[int, bool]:
         """Open a file; returns (fh, keep_cache)."""
         inode, code = self.inodes.by_nodeid(nodeid)
         view = self._checked_view(code, caller.view)
@@ -741,7 +744,7 @@ class Volume:
         return section
 
     async def create(
-        self, parent_nodeid: int, name: str, mode: int, flags: int, caller: Caller
+        self, parent_nodeid: int, name: str, mode: int, flags: int, caller: Requester
     ) -> tuple[int, Entry]:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         native_name = self._new(parent, name, caller.view)

@@ -35,12 +35,12 @@ from isofs.policy import Policy, Rule
 from isofs.provider import Stack
 from isofs.sections import NativeFile
 from isofs.sizecache import SizeCache
-from isofs.volume import SHARED_TTL, Caller, Volume
+from isofs.volume import SHARED_TTL, Requester, Volume
 
 ROOT = 1
 TARGET_UID = 12345
-NATIVE = Caller(os.getuid(), os.getgid(), "native")
-TARGET = Caller(os.getuid(), os.getgid(), "target")
+NATIVE = Requester(os.getuid(), os.getgid(), "native")
+TARGET = Requester(os.getuid(), os.getgid(), "target")
 SEED = 5  # the seed new files get; existing files keep the one in their header
 P = 64 << 10
 
