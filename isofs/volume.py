@@ -411,7 +411,9 @@ class Volume:
             names.init_directory(entry.inode.number, entry.inode.path_fd)
         return entry
 
-    def mknod(self, parent_nodeid: int, name: str, mode: int, rdev: int, caller: Requester) -> Entry:
+    def mknod(
+        self, parent_nodeid: int, name: str, mode: int, rdev: int, caller: Requester
+    ) -> Entry:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         native_name = self._new(parent, name, caller.view)
         os.mknod(native_name, mode, rdev, dir_fd=parent.path_fd)

@@ -3,7 +3,7 @@
 The source is a temporary directory reached through an O_PATH descriptor, as the daemon does.
 The stack is the example xorpad provider (16-byte header + XOR keystream), so the target view
 differs from the native one in both content and size. The policy has two views (uid 12345 is
-"target", everyone else "native"); requests carry an `isofs.volume.Caller` whose view is
+"target", everyone else "native"); requests carry an `isofs.volume.Requester` whose view is
 given directly, as fs.py does after asking the policy.
 """
 
@@ -163,7 +163,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
     e.close()
 
 
-def nid(vol: Volume, name: str, caller: Caller, parent: int = ROOT) -> int:
+def nid(vol: Volume, name: str, caller: Requester, parent: int = ROOT) -> int:
     return vol.lookup(parent, name, caller).nodeid
 
 
@@ -171,7 +171,7 @@ async def read_all(vol: Volume, fh: int, size: int = 1 << 20) -> bytes:
     return await vol.read(fh, 0, size)
 
 
-async def open_read(vol: Volume, nodeid: int, caller: Caller) -> bytes:
+async def open_read(vol: Volume, nodeid: int, caller: Requester) -> bytes:
     fh, _ = await vol.open(nodeid, os.O_RDONLY, caller)
     try:
         return await read_all(vol, fh)
