@@ -212,7 +212,7 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
                 **operations.stats.snapshot(),
             }
 
-        unmounted = trio.run(_main_loop, volume, str(control), status)
+        unmounted = trio.run(_main_loop, volume, mountpoint, str(control), status)
     except BaseException:
         log.exception("daemon failed")
         raise
@@ -261,7 +261,7 @@ def _keep_secrets_out_of_dumps() -> None:
 
 
 async def _main_loop(
-    volume: Volume, control: str, status: Callable[[], dict[str, object]]
+    volume: Volume, mountpoint: str, control: str, status: Callable[[], dict[str, object]]
 ) -> bool:
     """Serve requests; True when the kernel ended the session (external unmount)."""
     ended_by_kernel = False
@@ -269,7 +269,7 @@ async def _main_loop(
         nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
         nursery.start_soon(_write_back_periodically, volume)
         nursery.start_soon(serve_control, control, status)
-        nursery.start_soon(_raise_readahead, status()["mountpoint"])
+        nursery.start_soon(_raise_readahead, mountpoint)
         await pyfuse3.main()
         ended_by_kernel = True
         nursery.cancel_scope.cancel()

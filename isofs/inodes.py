@@ -180,15 +180,6 @@ class InodeTable:
         os.close(inode.path_fd)
         return True
 
-    def rekey(self, inode: Inode) -> None:
-        """Refresh the key of an inode whose native identity may have moved (not normal)."""
-        st = native.fstat(inode.path_fd)
-        new_key = (st.st_dev, st.st_ino)
-        if new_key != inode.key:
-            self._by_key.pop(inode.key, None)
-            inode.key = new_key
-            self._by_key[new_key] = inode
-
     def close_all(self) -> None:
         """Release every handle (unmount): the kernel has forgotten everything by then."""
         for inode in list(self._by_number.values()):

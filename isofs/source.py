@@ -80,7 +80,3 @@ def load_stack(meta_dir: Path, request: SetupRequest) -> Stack:
         provider = load_provider(item["provider"])
         layers.append(provider.load(meta_dir, item.get("config", {}), request))
     return Stack(layers)
-
-
-def stack_names(meta_dir: Path) -> list[str]:
-    return [item["provider"] for item in read_config(meta_dir)["stack"]]
