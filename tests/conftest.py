@@ -86,18 +86,27 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _daemon_pid_from_proc(mnt: str) -> int | None:
-    """Fallback when no record: the daemon whose command line names the mount point."""
+def daemons_for(mountpoint: str | os.PathLike[str]) -> list[int]:
+    """PIDs of live (not zombie) isofs daemons whose command line names this mount point."""
+    wanted = os.fsencode(os.path.realpath(mountpoint))
+    pids = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
             continue
-        if b"isofs" in cmdline and b"--foreground" in cmdline and os.fsencode(mnt) in cmdline:
-            return int(entry)
-    return None
+        if b"isofs" in argv and b"--foreground" in argv and wanted in argv and state != b"Z":
+            pids.append(int(entry))
+    return pids
+
+
+def _daemon_pid_from_proc(mnt: str) -> int | None:
+    """Fallback when no record: the daemon whose command line names the mount point."""
+    found = daemons_for(mnt)
+    return found[0] if found else None
 
 
 @dataclass

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import daemons_for
 
 import isofs
 from isofs import daemon, runtime
@@ -34,23 +35,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
-
-
-def daemons_for(mountpoint: Path) -> list[int]:
-    """PIDs of isofs daemons whose command line names this mount point."""
-    wanted = os.fsencode(os.path.realpath(mountpoint))
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if b"isofs" in argv and b"mount" in argv and wanted in argv and state != b"Z":
-            pids.append(int(entry))
-    return pids
 
 
 def assert_nothing_mounted(mountpoint: Path) -> None:

@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Mount, MountManager, fuse_unavailable, mounted_at, run_isofs, wait_until
+from conftest import (
+    Mount,
+    MountManager,
+    daemons_for,
+    fuse_unavailable,
+    mounted_at,
+    run_isofs,
+    wait_until,
+)
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
@@ -303,22 +311,6 @@ def read_file(path: Path) -> bytes:
 def write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
-
-
-def daemons_for(mountpoint: Path) -> list[int]:
-    """PIDs of isofs daemons whose command line names `mountpoint`."""
-    wanted = os.fsencode(os.path.realpath(mountpoint))
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"isofs" in cmdline and b"--foreground" in cmdline and wanted in cmdline:
-            found.append(int(entry))
-    return found
 
 
 def refused_mount(vault: Vault, mnt: Path, *secret: str) -> subprocess.CompletedProcess[str]:
