@@ -991,12 +991,7 @@ def fsck_source(
     progress: bool = False,
 ) -> FsckReport:
     """`isofs fsck`: refuse a mounted source, lock, unlock the keys, check."""
-    meta_dir = require_initialised(source)
-    check_not_mounted(source, force=force)
-    with exclusive(meta_dir, required=repair):
-        stack = load_stack(meta_dir, request)
-        if stack.is_identity:
-            raise MaintenanceError(f"{os.fspath(source)} has an empty provider stack")
+    with _maintained_stack(source, request, force=force, lock_required=repair) as stack:
         return fsck(source, stack, repair=repair, progress=progress)
 
 
@@ -1009,10 +1004,19 @@ def migrate_source(
     warn: Warn | None = None,
 ) -> MigrateReport:
     """`isofs migrate`: refuse a mounted source, lock, unlock the keys, format files."""
+    with _maintained_stack(source, request, force=force, lock_required=True) as stack:
+        return migrate(source, stack, progress=progress, warn=warn)
+
+
+@contextlib.contextmanager
+def _maintained_stack(
+    source: str | os.PathLike[str], request: SetupRequest, *, force: bool, lock_required: bool
+) -> Iterator[Stack]:
+    """The common start of fsck and migrate: not mounted, locked, keys unlocked."""
     meta_dir = require_initialised(source)
     check_not_mounted(source, force=force)
-    with exclusive(meta_dir):
+    with exclusive(meta_dir, required=lock_required):
         stack = load_stack(meta_dir, request)
         if stack.is_identity:
             raise MaintenanceError(f"{os.fspath(source)} has an empty provider stack")
-        return migrate(source, stack, progress=progress, warn=warn)
+        yield stack
