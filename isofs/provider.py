@@ -100,9 +100,6 @@ class Layer(abc.ABC):
     block_size: int = 4096
     #: How this layer transforms file names, if it does.
     name_transform: NameTransform | None = None
-    #: Whether writes of disjoint, block-aligned ranges may run concurrently (from two
-    #: threads) on one upper file. False unless the layer keeps no shared write state.
-    parallel_writes: bool = False
 
     @abc.abstractmethod
     def is_formatted(self, lower: RandomAccessFile) -> bool:
@@ -207,10 +204,6 @@ class Stack:
         for layer in self.layers:
             current = layer.create(current)
         return current
-
-    @property
-    def parallel_writes(self) -> bool:
-        return all(layer.parallel_writes for layer in self.layers)
 
     @property
     def name_transform(self) -> NameTransform | None:
