@@ -601,7 +601,9 @@ class IsofsEncrypt(IsofsCli):
         if not self.passfile.exists():
             self.passfile.write_text("isofs-bench-not-a-secret\n")
             self.passfile.chmod(0o600)
-        self.init_args = ["--provider", "encrypt", "--passfile", str(self.passfile)]
+        # File names encrypted too, as gocryptfs does by default: like for like.
+        self.init_args = ["--provider", "encrypt", "--encrypt-names",
+                          "--passfile", str(self.passfile)]
         self.mount_args = ["--passfile", str(self.passfile), "--default-view", "target",
                            "--no-exec"]
 

@@ -350,8 +350,11 @@ class Section:
             if end <= offset:
                 self.cache.mark_clean(self.id, list(range(start, start + count)))
                 continue
-            pages = [self.cache.peek(self.id, i) for i in range(start, start + count)]
-            blob = b"".join(p for p in pages if p is not None)[: end - offset]
+            blob = bytearray()  # only the bytes below the size: a small file's page is mostly pad
+            for index in range(start, start + count):
+                page = self.cache.peek(self.id, index)
+                if page is not None:
+                    blob += memoryview(page)[: end - offset - len(blob)]
             await blocking(self.upper.write, offset, blob, size=len(blob))
             self.stored_size = max(self.stored_size, end)
             self.cache.mark_clean(self.id, list(range(start, start + count)))
