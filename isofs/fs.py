@@ -189,7 +189,7 @@ class IsoFS(pyfuse3.Operations):
 
     @_errors_to_errno
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.volume.readlink(inode)
+        return self.volume.readlink(inode, self._caller(ctx).view)
 
     @_errors_to_errno
     async def mknod(

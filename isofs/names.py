@@ -120,6 +120,21 @@ class ViewNames:
         except (CorruptData, FileNotFoundError):
             return native  # not a transformed name: passed through like unformatted data
 
+    # ----------------------------------------------------------------- symlinks
+
+    def link_to_native(self, target: bytes) -> bytes:
+        try:
+            return self.transform.link_to_native(target)
+        except ValueError as exc:
+            raise OSError(errno.ENAMETOOLONG, str(exc)) from None
+
+    def link_to_view(self, stored: bytes) -> bytes:
+        """The target a view shows; a target that is not transformed passes through."""
+        try:
+            return self.transform.link_to_view(stored)
+        except CorruptData:
+            return stored
+
     # ------------------------------------------------------------------ changes
 
     def create(self, dir_number: int, dir_fd: int, name: str) -> str:

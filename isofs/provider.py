@@ -62,7 +62,8 @@ class NameTransform(Protocol):
     Names are transformed per directory with a directory key kept in a small file inside the
     directory. Names too long for the native filesystem are stored as a short stub plus a
     sidecar file holding the full transformed name. The filesystem hides every bookkeeping
-    name (key file, sidecars) from transformed views.
+    name (key file, sidecars) from transformed views. Symlink targets are transformed with
+    the names (they are names too, and leak as much).
     """
 
     #: Native name of the per-directory key file.
@@ -90,6 +91,14 @@ class NameTransform(Protocol):
 
     def to_view(self, dir_key: bytes, native_name: str, sidecar: bytes | None) -> str:
         """The view name of a native name (CorruptData if it is not a transformed name)."""
+        ...
+
+    def link_to_native(self, target: bytes) -> bytes:
+        """The native target of a new symlink (ValueError if it cannot be stored)."""
+        ...
+
+    def link_to_view(self, stored: bytes) -> bytes:
+        """The target a view shows (CorruptData if it is not a transformed target)."""
         ...
 
 

@@ -194,6 +194,8 @@ class Volume:
         size = st.st_size
         if inode.is_regular and self.transforms(view):
             size = self.logical_size(inode, st, view)
+        elif inode.is_symlink and self._names_for(view) is not None:
+            size = len(self._link_target(inode, view))
         return Attributes(
             mode=st.st_mode,
             nlink=st.st_nlink,
@@ -341,9 +343,14 @@ class Volume:
             native.truncate(inode.path_fd, size)
             self._after_change(inode, view)
 
-    def readlink(self, nodeid: int) -> bytes:
-        inode, _ = self.inodes.by_nodeid(nodeid)
-        return native.readlink(inode.path_fd)
+    def readlink(self, nodeid: int, caller_view: str | None = None) -> bytes:
+        inode, code = self.inodes.by_nodeid(nodeid)
+        return self._link_target(inode, self._checked_view(code, caller_view))
+
+    def _link_target(self, inode: Inode, view: str) -> bytes:
+        stored = native.readlink(inode.path_fd)
+        names = self._names_for(view)
+        return stored if names is None else names.link_to_view(stored)
 
     def _give_to_caller(
         self, parent: Inode, name: str, caller: Requester, mode: int | None = None
@@ -423,6 +430,9 @@ class Volume:
     def symlink(self, parent_nodeid: int, name: str, target: bytes, caller: Requester) -> Entry:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         native_name = self._new(parent, name, caller.view)
+        names = self._names_for(caller.view)
+        if names is not None:
+            target = names.link_to_native(target)
         os.symlink(target, native_name, dir_fd=parent.path_fd)
         self._give_to_caller(parent, native_name, caller)
         return self._remember_entry(parent, native_name, caller.view)

@@ -62,6 +62,7 @@ KEYSTORE_VERSION = 1
 _WRAP_AAD_LABEL = b"isofs wrapped master key"
 _INFO_CONTENT = b"isofs content v1"
 _INFO_NAMES = b"isofs names v1"
+_INFO_LINKS = b"isofs symlinks v1"
 _INFO_KEY_CHECK = b"isofs key check v1"
 DEFAULT_SCRYPT_N = 2**17
 DEFAULT_SCRYPT_R = 8
@@ -460,13 +461,60 @@ class NameCodec:
         return encoded
 
 
+#: Associated data of a sealed symlink target (binds the ciphertext to its purpose).
+_LINK_AAD = b"isofs symlink target v1"
+#: Longest stored target Linux accepts (PATH_MAX including the terminating NUL).
+_LINK_MAX = 4095
+
+
+class LinkCodec:
+    """Symlink targets: AES-256-GCM with a random nonce, stored as base64url.
+
+    Not deterministic (unlike names): equal targets must not show as equal native targets,
+    and nothing needs to look a target up by its ciphertext.
+    """
+
+    def __init__(self, links_key: bytes) -> None:
+        if len(links_key) != 32:
+            raise ValueError("links key must be 32 bytes (AES-256-GCM)")
+        self._aead = AESGCM(bytes(links_key))
+
+    @classmethod
+    def from_master_key(cls, master_key: bytes | bytearray) -> LinkCodec:
+        return cls(_hkdf(master_key, _INFO_LINKS, 32))
+
+    def seal(self, target: bytes) -> bytes:
+        """The native target for a view target (ValueError when it would be too long)."""
+        if not target or b"\0" in target:
+            raise ValueError("invalid symlink target")
+        nonce = os.urandom(NONCE_SIZE)
+        stored = _b64url_encode(nonce + self._aead.encrypt(nonce, target, _LINK_AAD)).encode()
+        if len(stored) > _LINK_MAX:
+            raise ValueError("symlink target too long once encrypted")
+        return stored
+
+    def open(self, stored: bytes) -> bytes:
+        """The view target of a native target (CorruptData when it is not a sealed one)."""
+        try:
+            sealed = _b64url_decode(stored.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise CorruptData("encrypt: symlink target is not an encrypted target") from None
+        if len(sealed) <= BLOCK_OVERHEAD:
+            raise CorruptData("encrypt: symlink target is too short to be encrypted")
+        try:
+            return self._aead.decrypt(sealed[:NONCE_SIZE], sealed[NONCE_SIZE:], _LINK_AAD)
+        except InvalidTag:
+            raise CorruptData("encrypt: symlink target failed authentication") from None
+
+
 class EncryptedNames:
-    """The `isofs.provider.NameTransform` of the encrypt layer, over a `NameCodec`."""
+    """The `isofs.provider.NameTransform` of the encrypt layer: names and symlink targets."""
 
     dir_key_name = DIRIV_NAME
 
-    def __init__(self, codec: NameCodec) -> None:
+    def __init__(self, codec: NameCodec, links: LinkCodec) -> None:
         self.codec = codec
+        self.links = links
 
     def new_dir_key(self) -> bytes:
         return new_dir_id()
@@ -493,6 +541,12 @@ class EncryptedNames:
             encoded = NameCodec.from_long_name(native_name, sidecar)
         return self.codec.decrypt_name(dir_key, encoded)
 
+    def link_to_native(self, target: bytes) -> bytes:
+        return self.links.seal(target)
+
+    def link_to_view(self, stored: bytes) -> bytes:
+        return self.links.open(stored)
+
 
 # --- the layer --------------------------------------------------------------------------------
 
@@ -517,7 +571,11 @@ class EncryptLayer(Layer):
         self.names: NameCodec | None = (
             NameCodec.from_master_key(master_key) if encrypt_names else None
         )
-        self.name_transform = EncryptedNames(self.names) if self.names is not None else None
+        self.name_transform = (
+            EncryptedNames(self.names, LinkCodec.from_master_key(master_key))
+            if self.names is not None
+            else None
+        )
 
     def header_size(self) -> int:
         return HEADER_SIZE

@@ -84,6 +84,10 @@ class Keys:
         return hkdf(self.master, b"isofs names v1", 64)
 
     @property
+    def links(self) -> bytes:
+        return hkdf(self.master, b"isofs symlinks v1", 32)
+
+    @property
     def check(self) -> bytes:
         return hkdf(self.master, b"isofs key check v1", 16)
 
@@ -1166,6 +1170,61 @@ def test_encrypted_names(tmp_path, mount_factory):
     assert decode_native_tree(vault.source, vault.keys, skip=skip) == expected
     m = vault.mount_target(mount_factory)
     check_target_view(m)
+
+
+def decode_link(stored: str, keys: Keys) -> bytes:
+    sealed = b64url_decode(stored)
+    return AESGCM(keys.links).decrypt(sealed[:12], sealed[12:], b"isofs symlink target v1")
+
+
+def test_symlink_targets_are_encrypted(tmp_path, mount_factory, target_python):
+    vault = make_vault(tmp_path, "--encrypt-names")
+    os.symlink("plain-target", vault.source / "old-link")  # made before: passes through
+    m = vault.mount(mount_factory, "--target", f"exe={target_python.exe}")
+    secret = "secret-dir/secret-file.txt"
+    long_target = "../" + "long-target-" * 240  # 2,883 bytes: fits once encrypted
+    script = f"""
+import errno, json, os, sys
+root = sys.argv[1]
+os.makedirs(os.path.join(root, "secret-dir"))
+with open(os.path.join(root, "secret-dir", "secret-file.txt"), "wb") as f:
+    f.write(b"through the link")
+os.symlink({secret!r}, os.path.join(root, "to-secret"))
+os.symlink({long_target!r}, os.path.join(root, "long-link"))
+try:
+    os.symlink("x" * 3100, os.path.join(root, "too-long"))
+    too_long = None
+except OSError as exc:
+    too_long = exc.errno
+names = ("to-secret", "long-link", "old-link")
+print(json.dumps({{
+    "targets": {{n: os.readlink(os.path.join(root, n)) for n in names}},
+    "sizes": {{n: os.lstat(os.path.join(root, n)).st_size for n in names}},
+    "followed": open(os.path.join(root, "to-secret"), "rb").read().decode(),
+    "too_long": too_long,
+}}))
+"""
+    seen = json.loads(target_python.run(script, m.mnt).stdout)
+    assert seen["targets"] == {
+        "to-secret": secret, "long-link": long_target, "old-link": "plain-target"
+    }  # fmt: skip
+    assert seen["sizes"] == {n: len(t) for n, t in seen["targets"].items()}
+    assert seen["followed"] == "through the link"
+    assert seen["too_long"] == errno.ENAMETOOLONG
+
+    # the native view (this process) and the disk hold only ciphertext, which decodes
+    stored = {}
+    for entry in os.listdir(m.source):
+        if os.path.islink(m.source / entry) and entry != "old-link":
+            stored[entry] = os.readlink(m.source / entry)
+            assert os.readlink(m.at(entry)) == stored[entry]
+            assert os.lstat(m.at(entry)).st_size == len(stored[entry])
+    assert len(stored) == 2
+    assert sorted(decode_link(t, vault.keys) for t in stored.values()) == sorted(
+        [secret.encode(), long_target.encode()]
+    )
+    assert not any("secret" in t or "long-target" in t for t in stored.values())
+    assert os.readlink(m.at("old-link")) == "plain-target"
 
 
 TARGET_WORK = r"""

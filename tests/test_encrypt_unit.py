@@ -24,6 +24,7 @@ from isofs_providers.encrypt import (
     EncryptLayer,
     EncryptProvider,
     KeyFileSecrets,
+    LinkCodec,
     NameCodec,
     format_master_key,
     is_reserved_name,
@@ -677,3 +678,39 @@ def test_names_key_is_independent_of_content_key() -> None:
     key = HKDF(hashes.SHA256(), 64, salt=None, info=b"isofs names v1").derive(MASTER)
     expect = base64.urlsafe_b64encode(AESSIV(key).encrypt(b"n", [dir_id])).rstrip(b"=")
     assert ours == expect.decode()
+
+
+# --- symlink targets -------------------------------------------------------------------------
+
+
+def test_link_targets_round_trip_with_fresh_nonces() -> None:
+    links = LinkCodec.from_master_key(MASTER)
+    for target in (b"a", b"../dir/file", b"/abs/path with space", "ünï ✓".encode(), b"x" * 3000):
+        stored = links.seal(target)
+        assert links.open(stored) == target
+        assert links.seal(target) != stored  # random nonce: equal targets look different
+        assert b"/" not in stored and not stored.startswith(b".")
+        assert len(target) < 4 or target not in stored
+    # the documented layout, decoded independently: base64url(nonce || AES-GCM(target))
+    key = HKDF(hashes.SHA256(), 32, salt=None, info=b"isofs symlinks v1").derive(MASTER)
+    sealed = base64.urlsafe_b64decode(links.seal(b"t") + b"==")
+    assert AESGCM(key).decrypt(sealed[:12], sealed[12:], b"isofs symlink target v1") == b"t"
+
+
+def test_link_targets_that_cannot_be_stored() -> None:
+    links = LinkCodec.from_master_key(MASTER)
+    for bad in (b"", b"a\0b", b"x" * 3100):  # 3100 bytes encrypt to more than 4095
+        with pytest.raises(ValueError):
+            links.seal(bad)
+
+
+def test_link_tampering_and_plain_targets_are_refused() -> None:
+    links = LinkCodec.from_master_key(MASTER)
+    stored = links.seal(b"secret-target")
+    flipped = stored[:7] + (b"A" if stored[7:8] != b"A" else b"B") + stored[8:]
+    plain = (b"plain-target", b"README", b"../x", b"A" * 60, "é".encode(), stored[:-1])
+    for bad in (flipped, *plain):
+        with pytest.raises(CorruptData):
+            links.open(bad)
+    with pytest.raises(CorruptData):
+        LinkCodec.from_master_key(os.urandom(32)).open(stored)
