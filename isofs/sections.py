@@ -83,7 +83,7 @@ class Section:
         stack: Stack,
         cache: PageCache,
         page_size: int,
-        label: str,
+        view: str,
         on_write_back: Callable[[], None],
     ) -> None:
         self.id = section_id
@@ -92,7 +92,7 @@ class Section:
         self.stack = stack
         self.cache = cache
         self.page_size = page_size
-        self.label = label
+        self.view = view
         #: Told whenever this section changed the native file (coherence with other views).
         self.on_write_back = on_write_back
         self.lock = ResourceLock()
@@ -105,6 +105,18 @@ class Section:
         self.stale = True
         #: Set by attach(): the upper file must be rebuilt on the new descriptor.
         self._rebind = False
+
+    @property
+    def label(self) -> str:
+        """The file and view, for log lines and status (worked out only when needed: a
+        readlink per section created was measurable in small-file workloads)."""
+        where = "detached"
+        if self.attached:
+            try:
+                where = os.readlink(f"/proc/self/fd/{self.native_fd}")
+            except OSError as exc:
+                where = f"unnamed ({exc.strerror})"
+        return f"{where} ({self.view} view)"
 
     @asynccontextmanager
     async def _exclusive(self) -> AsyncIterator[None]:

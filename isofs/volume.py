@@ -650,14 +650,13 @@ class Volume:
             return section
         if fd is None:
             fd = self._open_native_rw(inode)
-        label = f"{self.describe(inode)} ({view} view)"
         section = Section(
             next(self._next_section),
             fd,
             self.stack,
             self.cache,
             self.page_size,
-            label,
+            view,
             on_write_back=lambda: self._section_wrote(inode.number, view),
         )
         self.sections[key] = section  # registered before the first await: one per key
