@@ -895,7 +895,7 @@ def run_workloads(c: Contender, ctx: Ctx, record: Callable[[str, float], None]) 
 
     # 10: alternating views (isofs two-view mounts only) ------------------------------
     if ctx.wants("alt-view-read") and isinstance(c, IsofsEncrypt2View):
-        record("alt-view-read", alternating_view_read(c, d / "alt.bin"))
+        record("alt-view-read", alternating_view_read(c, d / "alt" / "alt.bin"))
 
 
 ALT_FILE_BYTES = 64 * MiB
@@ -906,16 +906,22 @@ def alternating_view_read(c: IsofsCli, path: Path) -> float:
     """MiB/s of target-view reads of a file that a native-view process reads in between.
 
     The native reader switches the file's dentry to its own kernel inode each time, so the
-    kernel drops the target view's pages: what is left is isofs's own page cache.
+    kernel drops the target view's pages: what is left is isofs's own page cache. With
+    encrypted names the native reader cannot know the file's native name, so the file gets
+    a directory of its own, made by a native-view process (a plain name in both views), and
+    the reader reads every file in it.
     """
+    native = [sys.executable, "-m", "isofs", "exec", "--view", "native", "--", sys.executable]
+    mkdir = "import os, sys; os.mkdir(sys.argv[1])"
+    subprocess.run([*native, "-c", mkdir, str(path.parent)], check=True, env=c.cli_env())
     write_file(path, ALT_FILE_BYTES, b"\xa5" * MiB, fsync=True)
     reader = (
-        "import sys\n"
-        "with open(sys.argv[1], 'rb') as f:\n"
-        "    while f.read(1 << 20): pass\n"
+        "import os, sys\n"
+        "for entry in os.scandir(sys.argv[1]):\n"
+        "    with open(entry.path, 'rb') as f:\n"
+        "        while f.read(1 << 20): pass\n"
     )
-    native_read = [sys.executable, "-m", "isofs", "exec", "--view", "native", "--",
-                   sys.executable, "-c", reader, str(path)]
+    native_read = [*native, "-c", reader, str(path.parent)]
     total = 0.0
     for _ in range(ALT_ROUNDS):
         subprocess.run(native_read, check=True, env=c.cli_env())
@@ -926,6 +932,7 @@ def alternating_view_read(c: IsofsCli, path: Path) -> float:
          f"{cache.get('hit_ratio', 0):.1%} ({cache.get('hits')} hits, {cache.get('misses')} "
          f"misses); kernel invalidations {status.get('invalidations')}")
     path.unlink()
+    path.parent.rmdir()
     return ALT_ROUNDS * ALT_FILE_BYTES / MiB / total
 
 
