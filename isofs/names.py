@@ -28,13 +28,22 @@ def _read_small(dir_fd: int, name: str) -> bytes:
 
 
 def _write_new(dir_fd: int, name: str, data: bytes) -> None:
-    """Create a small file durably (its absence would make names unreadable)."""
+    """Create a small file durably (its absence would make names unreadable).
+
+    All or nothing: a file left empty or short (a full disk) would make every name of its
+    directory unreadable, so a failed write removes it again.
+    """
     fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444, dir_fd=dir_fd)
     try:
-        os.write(fd, data)
+        if os.write(fd, data) != len(data):
+            raise OSError(errno.ENOSPC, f"short write of {name}")
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=dir_fd)
+        raise
+    os.close(fd)
 
 
 def _exists(dir_fd: int, name: str) -> bool:

@@ -23,6 +23,9 @@ AT_SYMLINK_NOFOLLOW = 0x100
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 UTIME_OMIT = (1 << 30) - 2
+FALLOC_FL_KEEP_SIZE = 1
+
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 class _Timespec(ctypes.Structure):
@@ -103,6 +106,21 @@ def set_times(path_fd: int, atime_ns: int | None, mtime_ns: int | None) -> None:
         _libc.utimensat(path_fd, b"", times, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW),
         "utimensat",
     )
+
+
+def reserve(fd: int, offset: int, length: int) -> bool:
+    """Allocate disk space for a range without changing the file's size.
+
+    A write into reserved space cannot fail half-way for lack of space (a full disk then
+    fails the write before it changes a byte). False when the filesystem cannot reserve
+    (no fallocate): the caller writes unprotected, as any program would.
+    """
+    if _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 def truncate(path_fd: int, size: int) -> None:

@@ -27,16 +27,24 @@ T = TypeVar("T")
 
 
 class NativeFile:
-    """The native file as the lowest `RandomAccessFile` of a stack (thread-safe pread/pwrite)."""
+    """The native file as the lowest `RandomAccessFile` of a stack (thread-safe pread/pwrite).
+
+    Writes reserve their range first, so that a full disk fails a write before it changes
+    anything: a provider's write is several blocks, and a write cut short half-way would
+    leave a torn block (EIO) in a file that was fine.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self._can_reserve = True
 
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)
 
     def write(self, offset: int, data: bytes) -> int:
         view = memoryview(data)
+        if self._can_reserve and view.nbytes:
+            self._can_reserve = native.reserve(self.fd, offset, view.nbytes)
         done = 0
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], offset + done)

@@ -90,6 +90,16 @@ class FileHandle:
     flags: int
     section: Section | None = None
 
+    @property
+    def writable(self) -> bool:
+        """Closing a writable handle writes the section's pending pages back.
+
+        Only a writable one: the pages are the file's, not the handle's, and a read-only
+        close must not fail because another handle's data cannot be written (a full disk);
+        the periodic write-back retries it.
+        """
+        return self.flags & os.O_ACCMODE != os.O_RDONLY
+
 
 @dataclass(eq=False, slots=True)
 class DirHandle:
@@ -818,7 +828,7 @@ class Volume:
 
     async def flush(self, fh: int) -> None:
         handle = self.handle(fh)
-        if handle.section is not None:
+        if handle.section is not None and handle.writable:
             await handle.section.flush()
 
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -833,7 +843,8 @@ class Volume:
         try:
             if handle.section is not None:
                 handle.section.handles -= 1
-                await handle.section.flush()
+                if handle.writable:
+                    await handle.section.flush()
                 self._remember_size(handle.inode, handle.section)
                 handle.section.detach()
         finally:

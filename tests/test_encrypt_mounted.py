@@ -1329,3 +1329,53 @@ def test_migrate_formats_existing_files(tmp_path, mount_factory):
     assert "Traceback" not in refused.stdout
     for name, data in before.items():  # untouched by the refused run
         assert decode_content(vault.source.joinpath(name).read_bytes(), vault.keys) == data
+
+
+# ------------------------------------------------------------------------ a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MiB tmpfs (root only), lazily unmounted even when the test fails."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", disk], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", disk], check=False)
+
+
+def test_full_disk_fails_writes_cleanly_and_loses_nothing(small_disk, mount_factory):
+    vault = make_vault(small_disk, "--encrypt-names")
+    m = vault.mount_target(mount_factory)
+    keep = payload("keep", 300_000)
+    write_file(m.at("keep"), keep)
+    chunk = 50_000  # not page-aligned: whole pages are written through, edges wait in cache
+    written = bytearray()
+    with pytest.raises(OSError) as info, open(m.at("fill"), "wb", buffering=0) as f:
+        for n in range(1000):
+            piece = payload(f"fill{n}", chunk)
+            f.write(piece)  # (an unbuffered FUSE write is all or nothing)
+            written += piece
+    assert info.value.errno == errno.ENOSPC
+    assert len(written) > chunk  # the disk filled up part-way, not at the first write
+    # every write that succeeded is there, the one that failed left nothing behind
+    assert read_file(m.at("fill")) == bytes(written)
+    assert read_file(m.at("keep")) == keep
+    big = payload("one-more", 3 << 20)  # more than the whole disk
+    with pytest.raises(OSError) as info:
+        write_file(m.at("one-more"), big)
+    assert info.value.errno == errno.ENOSPC
+    landed = read_file(m.at("one-more"))  # the requests before the failing one: no EIO
+    assert landed == big[: len(landed)]
+    os.unlink(m.at("fill"))
+    os.unlink(m.at("one-more"))
+    assert sorted(os.listdir(m.mnt)) == ["keep"]
+    write_file(m.at("after"), payload("after", 100_000))  # space freed: writes work again
+    assert read_file(m.at("after")) == payload("after", 100_000)
+    unmount(m)
+    check = run_isofs("fsck", vault.source, "--passfile", vault.passfile)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -1319,3 +1319,59 @@ async def test_sections_without_handles_hold_no_descriptor(env: Env) -> None:
     assert not any(s.attached for s in sections)
     t = vol.lookup(ROOT, "many7", TARGET)
     assert await open_read(vol, t.nodeid, TARGET) == b"x" * 100  # attaches again, reads
+
+
+# ------------------------------------------------------------------- a full disk
+
+
+def test_a_key_file_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    """An empty or short directory key file would make every name in its directory
+    unreadable: a write that fails (a full disk) removes it again."""
+    from isofs import names
+
+    dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    try:
+        real_write = os.write
+
+        def full_disk(fd: int, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "write", full_disk)
+        with pytest.raises(OSError) as info:
+            names._write_new(dir_fd, "key", b"k" * 16)
+        assert info.value.errno == errno.ENOSPC
+        monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[:5]))
+        with pytest.raises(OSError) as info:
+            names._write_new(dir_fd, "key", b"k" * 16)  # a short write is a failure too
+        assert info.value.errno == errno.ENOSPC
+        assert os.listdir(tmp_path) == []
+        monkeypatch.setattr(os, "write", real_write)
+        names._write_new(dir_fd, "key", b"k" * 16)
+        assert (tmp_path / "key").read_bytes() == b"k" * 16
+    finally:
+        os.close(dir_fd)
+
+
+def test_native_writes_reserve_their_range_first(tmp_path, monkeypatch):
+    """A write that cannot get its space changes nothing (no torn provider block)."""
+    path = tmp_path / "f"
+    path.write_bytes(b"old!" * 1024)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        calls: list[tuple[int, int]] = []
+
+        def no_space(fd: int, offset: int, length: int) -> bool:
+            calls.append((offset, length))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(native, "reserve", no_space)
+        with pytest.raises(OSError):
+            NativeFile(fd).write(2048, b"n" * 8192)
+        assert calls == [(2048, 8192)]
+        assert path.read_bytes() == b"old!" * 1024
+        monkeypatch.undo()
+        assert NativeFile(fd).write(2048, b"n" * 8192) == 8192
+        assert path.read_bytes() == b"old!" * 512 + b"n" * 8192
+        assert os.fstat(fd).st_blocks * 512 >= 2048 + 8192
+    finally:
+        os.close(fd)
