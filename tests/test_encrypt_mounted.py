@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -749,6 +750,69 @@ def test_torn_tail_damage_is_contained(tmp_path, mount_factory):
         assert_eio(os.pread, fd, BLOCK, 2 * BLOCK)
     finally:
         os.close(fd)
+
+
+CRASH_WRITER = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+print("started", flush=True)
+n = 0
+while True:  # until the daemon dies under us
+    os.write(fd, bytes([n % 251 + 1]) * (1 << 20))
+    n += 1
+"""
+
+
+def test_killed_daemon_mid_write_leaves_old_or_new_blocks(tmp_path, mount_factory):
+    """SIGKILL of the daemon while a target process appends: every block is either written
+    or absent; at most the last one is torn, reads EIO and fsck names it."""
+    vault = make_vault(tmp_path)
+    m = vault.mount_target(mount_factory)
+    stable = payload("stable", 3 * BLOCK + 7)
+    write_file(m.at("stable"), stable)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", CRASH_WRITER, m.at("victim")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "started\n"
+        assert wait_until(lambda: os.path.getsize(vault.source / "victim") > (8 << 20), 20)
+        os.kill(m.pid, signal.SIGKILL)
+        _, err = writer.communicate(timeout=20)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert "Errno 103" in err or "Errno 107" in err, err  # ECONNABORTED / ENOTCONN
+    result = run_isofs("umount", m.mnt)
+    assert result.returncode == 0, result.stderr
+
+    check = run_isofs("fsck", vault.source, "--passfile", vault.passfile)
+    damaged = [line for line in check.stdout.splitlines() if line.startswith("victim")]
+    assert check.returncode == (1 if damaged else 0), check.stdout + check.stderr
+    assert "stable" not in check.stdout
+
+    m = vault.mount_target(mount_factory)
+    assert read_file(m.at("stable")) == stable
+    size = os.path.getsize(m.at("victim"))
+    unreadable = []
+    fd = os.open(m.at("victim"), os.O_RDONLY)
+    try:
+        for offset in range(0, size, BLOCK):
+            try:
+                got = os.pread(fd, BLOCK, offset)
+            except OSError as exc:
+                assert exc.errno == errno.EIO
+                unreadable.append(offset)
+                continue
+            expect = bytes([offset // (1 << 20) % 251 + 1]) * len(got)
+            assert got == expect, f"block at {offset} holds neither old nor new bytes"
+    finally:
+        os.close(fd)
+    assert unreadable in ([], [size - size % BLOCK if size % BLOCK else size - BLOCK])
+    if unreadable:  # a torn last block (the kernel stopped the native write mid-block)
+        assert damaged == [f"victim: bad blocks {unreadable[0] // BLOCK}"], check.stdout
+    else:
+        assert damaged == [], check.stdout
 
 
 # ----------------------------------------------------------------------------- keys
