@@ -181,13 +181,24 @@ class Section:
         async with self._shared():
             return await self._read_locked(offset, size)
 
-    async def _read_locked(self, offset: int, size: int) -> bytes:
+    async def _read_locked(self, offset: int, size: int) -> bytes | memoryview:
+        """The bytes, or a view of them when no copy is needed.
+
+        pyfuse3 replies from any buffer before another task runs, so a view of a page, or of
+        what the provider just returned, is safe to hand back: a cold 1 MiB read then costs
+        one copy (into the cache) instead of two.
+        """
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
         page_size = self.page_size
         first, last = offset // page_size, (end - 1) // page_size
-        pages = await self._pages(first, last)
+        base = first * page_size
+        pages, fresh = await self._pages(first, last)
+        if fresh is not None and len(fresh) >= end - base:
+            return memoryview(fresh)[offset - base : end - base]
+        if first == last and pages[0] is not None:
+            return memoryview(pages[0])[offset - base : end - base]
         pieces: list[bytes | bytearray | memoryview] = []
         for index in range(first, last + 1):
             base = index * page_size
@@ -199,12 +210,16 @@ class Section:
                 pieces.append(memoryview(page)[lo - base : hi - base])
         return b"".join(pieces)
 
-    async def _pages(self, first: int, last: int) -> list[bytearray | None]:
-        """Pages first..last, loading each missing run with one provider read.
+    async def _pages(
+        self, first: int, last: int
+    ) -> tuple[list[bytearray | None], bytes | bytearray | None]:
+        """Pages first..last, loading each missing run with one provider read; and when that
+        was one run of all of them, what the provider returned for it.
 
         A run that fails verification is retried page by page; a page that still fails is
         None, so the rest of the file stays readable around a damaged block.
         """
+        fresh = None
         found: dict[int, bytearray | None] = {}
         missing: list[int] = []
         for index in range(first, last + 1):
@@ -215,7 +230,10 @@ class Section:
                 found[index] = page
         for start, count in _runs(missing):
             try:
-                loaded: list[bytearray | None] = list(await self._load(start, count))
+                data, pages = await self._read_pages(start, count)
+                loaded: list[bytearray | None] = list(pages)
+                if count == last - first + 1:
+                    fresh = data
             except CorruptData:
                 loaded = []
                 for index in range(start, start + count):
@@ -225,7 +243,7 @@ class Section:
                         loaded.append(None)
             for index, page in zip(range(start, start + count), loaded, strict=True):
                 found[index] = page
-        return [found[index] for index in range(first, last + 1)]
+        return [found[index] for index in range(first, last + 1)], fresh
 
     async def _read_uncached(self, offset: int, size: int) -> bytes:
         """Bytes straight from the provider (zeros past the stored size), not cached."""
@@ -240,7 +258,13 @@ class Section:
             raise CorruptData(f"{self.label}: {exc.strerror}") from None
 
     async def _load(self, start: int, count: int) -> list[bytearray]:
-        """Read pages from the provider (zeros past the stored size) and cache them clean."""
+        return (await self._read_pages(start, count))[1]
+
+    async def _read_pages(
+        self, start: int, count: int
+    ) -> tuple[bytes | bytearray, list[bytearray]]:
+        """Read pages from the provider (zeros past the stored size) and cache them clean;
+        the provider's bytes too."""
         size = self.page_size
         offset = start * size
         length = max(0, min(count * size, self.stored_size - offset))
@@ -258,7 +282,7 @@ class Section:
                 continue
             self.cache.put(self.id, start + i, page)
             pages.append(page)
-        return pages
+        return data, pages
 
     # --------------------------------------------------------------------- writing
 
