@@ -262,15 +262,16 @@ class Section:
 
     async def _read_pages(
         self, start: int, count: int
-    ) -> tuple[bytes | bytearray, list[bytearray]]:
+    ) -> tuple[bytes | bytearray | None, list[bytearray]]:
         """Read pages from the provider (zeros past the stored size) and cache them clean;
-        the provider's bytes too."""
+        also the provider's bytes, unless a page was cached meanwhile (then it wins)."""
         size = self.page_size
         offset = start * size
         length = max(0, min(count * size, self.stored_size - offset))
         data = await self._provider_read(offset, length) if length else b""
         view = memoryview(data)
         pages = []
+        fresh: bytes | bytearray | None = data
         for i in range(count):
             page = bytearray(view[i * size : (i + 1) * size])
             if len(page) < size:
@@ -279,10 +280,11 @@ class Section:
             current = self.cache.peek(self.id, start + i)
             if current is not None:
                 pages.append(current)
+                fresh = None
                 continue
             self.cache.put(self.id, start + i, page)
             pages.append(page)
-        return data, pages
+        return fresh, pages
 
     # --------------------------------------------------------------------- writing
 
