@@ -107,7 +107,7 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     for section in status["sections"][:20]:
         lines.append(
-            f"  section {section['file']}: size {section['size']}, "
+            f"  section {section['file']} ({section['view']} view): size {section['size']}, "
             f"handles {section['handles']}{', dirty' if section['dirty'] else ''}"
         )
     lines.append("requests:")

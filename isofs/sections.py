@@ -114,17 +114,20 @@ class Section:
         #: Set by attach(): the upper file must be rebuilt on the new descriptor.
         self._rebind = False
 
+    def native_path(self) -> str | None:
+        """Where the native file is now (None when idle), worked out only when asked: a
+        readlink per section created was measurable in small-file workloads."""
+        if not self.attached:
+            return None
+        try:
+            return os.readlink(f"/proc/self/fd/{self.native_fd}")
+        except OSError as exc:
+            return f"unnamed ({exc.strerror})"
+
     @property
     def label(self) -> str:
-        """The file and view, for log lines and status (worked out only when needed: a
-        readlink per section created was measurable in small-file workloads)."""
-        where = "detached"
-        if self.attached:
-            try:
-                where = os.readlink(f"/proc/self/fd/{self.native_fd}")
-            except OSError as exc:
-                where = f"unnamed ({exc.strerror})"
-        return f"{where} ({self.view} view)"
+        """The file and view, for log lines."""
+        return f"{self.native_path() or 'idle'} ({self.view} view)"
 
     @asynccontextmanager
     async def _exclusive(self) -> AsyncIterator[None]:

@@ -904,13 +904,14 @@ class Volume:
             "open_files": len(self._handles),
             "sections": [
                 {
-                    "file": section.label,
+                    "file": section.native_path() or f"inode {number} (idle)",
+                    "view": view,
                     "size": section.size,
                     "handles": section.handles,
                     "dirty": section.dirty,
                     "lock": asdict(section.lock.statistics()),
                 }
-                for section in self.sections.values()
+                for (number, view), section in self.sections.items()
             ],
             "page_cache": {
                 **asdict(self.cache.statistics()),
