@@ -146,6 +146,11 @@ class IsoFS(pyfuse3.Operations):
     def _caller(self, ctx: pyfuse3.RequestContext) -> Requester:
         return Requester(ctx.uid, ctx.gid, self.volume.view_for(ctx.pid, ctx.uid, ctx.gid))
 
+    def _xattr_view(self, ctx: pyfuse3.RequestContext) -> str | None:
+        """The caller's view, needed only when the stack transforms attribute names (the
+        kernel asks for security.capability before every write: keep that path cheap)."""
+        return self._caller(ctx).view if self.volume.names is not None else None
+
     # ----------------------------------------------------------------------- names
 
     @_errors_to_errno
@@ -272,21 +277,21 @@ class IsoFS(pyfuse3.Operations):
 
     @_errors_to_errno
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return self.volume.getxattr(inode, name)
+        return self.volume.getxattr(inode, name, self._xattr_view(ctx))
 
     @_errors_to_errno
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        self.volume.setxattr(inode, name, value)
+        self.volume.setxattr(inode, name, value, self._xattr_view(ctx))
 
     @_errors_to_errno
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return self.volume.listxattr(inode)
+        return self.volume.listxattr(inode, self._xattr_view(ctx))
 
     @_errors_to_errno
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.volume.removexattr(inode, name)
+        self.volume.removexattr(inode, name, self._xattr_view(ctx))
 
     # ------------------------------------------------------------------ directories
 

@@ -144,6 +144,59 @@ class ViewNames:
         except CorruptData:
             return stored
 
+    # ------------------------------------------------------------------- xattrs
+    # Extended attributes of a file reached through `path`. A native attribute that is not
+    # transformed (set before init, or by a native-view process) passes through, like names.
+
+    def get_xattr(self, path: str, name: bytes) -> bytes:
+        native = self._xattr_native_name(name)
+        if native != name:
+            try:
+                stored = os.getxattr(path, native)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+            else:
+                try:
+                    return self.transform.xattr_value_to_view(native, stored)
+                except CorruptData as exc:
+                    log.error("%s: xattr %r: %s", os.path.realpath(path), name, exc.strerror)
+                    raise OSError(errno.EIO, exc.strerror) from None
+        return os.getxattr(path, name)
+
+    def set_xattr(self, path: str, name: bytes, value: bytes) -> None:
+        """Store transformed; a pass-through attribute of that name is replaced, not kept
+        next to it in clear."""
+        native = self._xattr_native_name(name)
+        os.setxattr(path, native, self.transform.xattr_value_to_native(native, value))
+        if native != name:
+            with contextlib.suppress(OSError):
+                os.removexattr(path, name)
+
+    def list_xattrs(self, path: str) -> list[bytes]:
+        shown: dict[bytes, None] = {}
+        for stored in map(os.fsencode, os.listxattr(path)):
+            try:
+                shown[self.transform.xattr_name_to_view(stored)] = None
+            except CorruptData:
+                shown[stored] = None
+        return list(shown)
+
+    def remove_xattr(self, path: str, name: bytes) -> None:
+        native = self._xattr_native_name(name)
+        try:
+            os.removexattr(path, native)
+        except OSError as exc:
+            if native == name or exc.errno != errno.ENODATA:
+                raise
+            os.removexattr(path, name)
+
+    def _xattr_native_name(self, name: bytes) -> bytes:
+        try:
+            return self.transform.xattr_name_to_native(name)
+        except ValueError:
+            raise OSError(errno.ERANGE, "attribute name too long once transformed") from None
+
     # ------------------------------------------------------------------ changes
 
     def create(self, dir_number: int, dir_fd: int, name: str) -> str:

@@ -62,8 +62,8 @@ class NameTransform(Protocol):
     Names are transformed per directory with a directory key kept in a small file inside the
     directory. Names too long for the native filesystem are stored as a short stub plus a
     sidecar file holding the full transformed name. The filesystem hides every bookkeeping
-    name (key file, sidecars) from transformed views. Symlink targets are transformed with
-    the names (they are names too, and leak as much).
+    name (key file, sidecars) from transformed views. Symlink targets and extended attributes
+    are transformed with the names: they are metadata that leaks as much.
     """
 
     #: Native name of the per-directory key file.
@@ -99,6 +99,23 @@ class NameTransform(Protocol):
 
     def link_to_view(self, stored: bytes) -> bytes:
         """The target a view shows (CorruptData if it is not a transformed target)."""
+        ...
+
+    def xattr_name_to_native(self, name: bytes) -> bytes:
+        """The native name of an extended attribute (ValueError if it cannot be stored);
+        names the layer leaves alone are returned unchanged."""
+        ...
+
+    def xattr_name_to_view(self, stored: bytes) -> bytes:
+        """The name a view shows (CorruptData for a transformed-looking name that is not)."""
+        ...
+
+    def xattr_value_to_native(self, native_name: bytes, value: bytes) -> bytes:
+        """The stored value for the attribute stored under `native_name`."""
+        ...
+
+    def xattr_value_to_view(self, native_name: bytes, stored: bytes) -> bytes:
+        """The value a view shows (CorruptData when it fails authentication)."""
         ...
 
 

@@ -512,25 +512,46 @@ class Volume:
 
     # -------------------------------------------------------------------------- xattrs
 
-    def getxattr(self, nodeid: int, name: bytes) -> bytes:
-        inode, _ = self.inodes.by_nodeid(nodeid)
+    def getxattr(self, nodeid: int, name: bytes, caller_view: str | None = None) -> bytes:
+        inode, names = self._xattr_object(nodeid, caller_view)
         if inode.is_symlink:
             raise OSError(errno.ENODATA, "no xattrs on symlinks")
-        return os.getxattr(native.proc_path(inode.path_fd), name)
+        path = native.proc_path(inode.path_fd)
+        return os.getxattr(path, name) if names is None else names.get_xattr(path, name)
 
-    def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int = 0) -> None:
-        inode, _ = self.inodes.by_nodeid(nodeid)
-        os.setxattr(native.xattr_target(inode.path_fd, inode.is_symlink), name, value, flags)
+    def setxattr(
+        self, nodeid: int, name: bytes, value: bytes, caller_view: str | None = None
+    ) -> None:
+        inode, names = self._xattr_object(nodeid, caller_view)
+        path = native.xattr_target(inode.path_fd, inode.is_symlink)
+        if names is None:
+            os.setxattr(path, name, value)
+        else:
+            names.set_xattr(path, name, value)
 
-    def listxattr(self, nodeid: int) -> list[bytes]:
-        inode, _ = self.inodes.by_nodeid(nodeid)
+    def listxattr(self, nodeid: int, caller_view: str | None = None) -> list[bytes]:
+        inode, names = self._xattr_object(nodeid, caller_view)
         if inode.is_symlink:
             return []
-        return [os.fsencode(n) for n in os.listxattr(native.proc_path(inode.path_fd))]
+        path = native.proc_path(inode.path_fd)
+        if names is None:
+            return [os.fsencode(n) for n in os.listxattr(path)]
+        return names.list_xattrs(path)
 
-    def removexattr(self, nodeid: int, name: bytes) -> None:
-        inode, _ = self.inodes.by_nodeid(nodeid)
-        os.removexattr(native.xattr_target(inode.path_fd, inode.is_symlink), name)
+    def removexattr(self, nodeid: int, name: bytes, caller_view: str | None = None) -> None:
+        inode, names = self._xattr_object(nodeid, caller_view)
+        path = native.xattr_target(inode.path_fd, inode.is_symlink)
+        if names is None:
+            os.removexattr(path, name)
+        else:
+            names.remove_xattr(path, name)
+
+    def _xattr_object(self, nodeid: int, caller_view: str | None) -> tuple[Inode, ViewNames | None]:
+        """The inode, and the names side of its view when that view transforms metadata."""
+        inode, code = self.inodes.by_nodeid(nodeid)
+        if self.names is None:
+            return inode, None
+        return inode, self._names_for(self._checked_view(code, caller_view))
 
     # ----------------------------------------------------------------------- directories
 

@@ -63,6 +63,8 @@ _WRAP_AAD_LABEL = b"isofs wrapped master key"
 _INFO_CONTENT = b"isofs content v1"
 _INFO_NAMES = b"isofs names v1"
 _INFO_LINKS = b"isofs symlinks v1"
+_INFO_XATTR_NAMES = b"isofs xattr names v1"
+_INFO_XATTR_VALUES = b"isofs xattr values v1"
 _INFO_KEY_CHECK = b"isofs key check v1"
 DEFAULT_SCRYPT_N = 2**17
 DEFAULT_SCRYPT_R = 8
@@ -507,14 +509,82 @@ class LinkCodec:
             raise CorruptData("encrypt: symlink target failed authentication") from None
 
 
+#: Only this namespace holds user data; security.*, system.* and trusted.* belong to the
+#: kernel and must keep working natively (capabilities, ACLs), so they pass through.
+_USER_XATTR = b"user."
+_SEALED_XATTR = b"user.isofs."
+#: Linux's limit on an extended attribute name (XATTR_NAME_MAX).
+_XATTR_NAME_MAX = 255
+_XATTR_NAME_AD = b"isofs xattr name v1"
+
+
+class XattrCodec:
+    """user.* extended attributes: AES-SIV names (deterministic, so they can be looked up)
+    and AES-256-GCM values bound to their sealed name."""
+
+    def __init__(self, names_key: bytes, values_key: bytes) -> None:
+        if len(names_key) != 64 or len(values_key) != 32:
+            raise ValueError("xattr keys must be 64 (AES-256-SIV) and 32 (AES-256-GCM) bytes")
+        self._siv = AESSIV(bytes(names_key))
+        self._aead = AESGCM(bytes(values_key))
+
+    @classmethod
+    def from_master_key(cls, master_key: bytes | bytearray) -> XattrCodec:
+        return cls(
+            _hkdf(master_key, _INFO_XATTR_NAMES, 64), _hkdf(master_key, _INFO_XATTR_VALUES, 32)
+        )
+
+    def seal_name(self, name: bytes) -> bytes:
+        """The native name of a view name; other namespaces than user.* are unchanged.
+
+        ValueError when the sealed name would be longer than Linux allows.
+        """
+        if not name.startswith(_USER_XATTR) or name == _USER_XATTR:
+            return name
+        rest = name[len(_USER_XATTR) :]
+        sealed = _SEALED_XATTR + _b64url_encode(self._siv.encrypt(rest, [_XATTR_NAME_AD])).encode()
+        if len(sealed) > _XATTR_NAME_MAX:
+            raise ValueError("xattr name too long once encrypted")
+        return sealed
+
+    def open_name(self, stored: bytes) -> bytes:
+        """The view name of a native name (CorruptData for a user.isofs.* name that does not
+        decrypt; names of other forms are returned unchanged)."""
+        if not stored.startswith(_SEALED_XATTR):
+            return stored
+        try:
+            sealed = _b64url_decode(stored[len(_SEALED_XATTR) :].decode("ascii"))
+            return _USER_XATTR + self._siv.decrypt(sealed, [_XATTR_NAME_AD])
+        except (UnicodeDecodeError, ValueError, InvalidTag):
+            raise CorruptData(f"encrypt: xattr name {stored[:40]!r} does not decrypt") from None
+
+    def is_sealed(self, stored: bytes) -> bool:
+        return stored.startswith(_SEALED_XATTR)
+
+    def seal_value(self, sealed_name: bytes, value: bytes) -> bytes:
+        nonce = os.urandom(NONCE_SIZE)
+        return nonce + self._aead.encrypt(nonce, value, sealed_name)
+
+    def open_value(self, sealed_name: bytes, stored: bytes) -> bytes:
+        """The plaintext of a sealed value (CorruptData when tampered or moved to another
+        name)."""
+        if len(stored) < BLOCK_OVERHEAD:
+            raise CorruptData("encrypt: xattr value too short to be encrypted")
+        try:
+            return self._aead.decrypt(stored[:NONCE_SIZE], stored[NONCE_SIZE:], sealed_name)
+        except InvalidTag:
+            raise CorruptData("encrypt: xattr value failed authentication") from None
+
+
 class EncryptedNames:
     """The `isofs.provider.NameTransform` of the encrypt layer: names and symlink targets."""
 
     dir_key_name = DIRIV_NAME
 
-    def __init__(self, codec: NameCodec, links: LinkCodec) -> None:
+    def __init__(self, codec: NameCodec, links: LinkCodec, xattrs: XattrCodec) -> None:
         self.codec = codec
         self.links = links
+        self.xattrs = xattrs
 
     def new_dir_key(self) -> bytes:
         return new_dir_id()
@@ -547,6 +617,22 @@ class EncryptedNames:
     def link_to_view(self, stored: bytes) -> bytes:
         return self.links.open(stored)
 
+    def xattr_name_to_native(self, name: bytes) -> bytes:
+        return self.xattrs.seal_name(name)
+
+    def xattr_name_to_view(self, stored: bytes) -> bytes:
+        return self.xattrs.open_name(stored)
+
+    def xattr_value_to_native(self, native_name: bytes, value: bytes) -> bytes:
+        if not self.xattrs.is_sealed(native_name):
+            return value
+        return self.xattrs.seal_value(native_name, value)
+
+    def xattr_value_to_view(self, native_name: bytes, stored: bytes) -> bytes:
+        if not self.xattrs.is_sealed(native_name):
+            return stored
+        return self.xattrs.open_value(native_name, stored)
+
 
 # --- the layer --------------------------------------------------------------------------------
 
@@ -572,7 +658,11 @@ class EncryptLayer(Layer):
             NameCodec.from_master_key(master_key) if encrypt_names else None
         )
         self.name_transform = (
-            EncryptedNames(self.names, LinkCodec.from_master_key(master_key))
+            EncryptedNames(
+                self.names,
+                LinkCodec.from_master_key(master_key),
+                XattrCodec.from_master_key(master_key),
+            )
             if self.names is not None
             else None
         )

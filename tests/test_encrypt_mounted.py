@@ -1291,6 +1291,60 @@ print(json.dumps({{
     assert os.readlink(m.at("old-link")) == "plain-target"
 
 
+XATTR_WORK = r"""
+import json, os, sys
+path = sys.argv[1]
+os.setxattr(path, "user.comment", b"secret comment")
+os.setxattr(path, "user.doomed", b"secret doomed")
+os.removexattr(path, "user.doomed")
+os.setxattr(path, "user.replaced", b"secret replacement")  # was a plain one
+print(json.dumps({
+    "names": sorted(os.listxattr(path)),
+    "comment": os.getxattr(path, "user.comment").decode(),
+    "replaced": os.getxattr(path, "user.replaced").decode(),
+    "kept": os.getxattr(path, "user.kept").decode(),
+}))
+"""
+
+
+def test_user_xattrs_are_encrypted(tmp_path, mount_factory, target_python):
+    vault = make_vault(tmp_path, "--encrypt-names", preexisting={"doc": b"plain document"})
+    os.setxattr(vault.source / "doc", "user.kept", b"plain, set before")
+    os.setxattr(vault.source / "doc", "user.replaced", b"plain, to be replaced")
+    m = vault.mount(mount_factory, "--target", f"exe={target_python.exe}")
+    seen = json.loads(target_python.run(XATTR_WORK, m.at("doc")).stdout)
+    assert seen == {
+        "names": ["user.comment", "user.kept", "user.replaced"],
+        "comment": "secret comment",
+        "replaced": "secret replacement",
+        "kept": "plain, set before",
+    }
+    # natively: sealed names and values only (and the plain attribute from before init)
+    stored = {os.fsencode(n): os.getxattr(m.src("doc"), n) for n in os.listxattr(m.src("doc"))}
+    assert os.listxattr(m.at("doc")) == os.listxattr(m.src("doc"))  # the native view
+    assert stored.pop(b"user.kept") == b"plain, set before"
+    assert len(stored) == 2 and all(n.startswith(b"user.isofs.") for n in stored)
+    assert not any(b"secret" in n or b"secret" in v for n, v in stored.items())
+    names_key = hkdf(vault.keys.master, b"isofs xattr names v1", 64)
+    values_key = hkdf(vault.keys.master, b"isofs xattr values v1", 32)
+    decoded = {
+        b"user." + AESSIV(names_key).decrypt(b64url_decode(n[11:].decode()), [
+            b"isofs xattr name v1"
+        ]): AESGCM(values_key).decrypt(v[:12], v[12:], n)
+        for n, v in stored.items()
+    }  # fmt: skip
+    assert decoded == {b"user.comment": b"secret comment", b"user.replaced": b"secret replacement"}
+    # a tampered value reads EIO in the target view, with a log line
+    sealed = next(n for n, v in stored.items() if len(v) == 12 + len(b"secret comment") + 16)
+    value = stored[sealed]
+    os.setxattr(m.src("doc"), sealed, value[:-1] + bytes([value[-1] ^ 1]))
+    probe = "import os, sys; os.getxattr(sys.argv[1], 'user.comment')"
+    result = subprocess.run([target_python.exe, "-c", probe, m.at("doc")], capture_output=True,
+                            text=True, env=target_python.env, timeout=60)  # fmt: skip
+    assert result.returncode != 0 and "Errno 5" in result.stderr, result.stderr
+    assert "xattr" in m.log_text() and "failed authentication" in m.log_text()
+
+
 TARGET_WORK = r"""
 import json, os, sys
 root = sys.argv[1]

@@ -26,6 +26,7 @@ from isofs_providers.encrypt import (
     KeyFileSecrets,
     LinkCodec,
     NameCodec,
+    XattrCodec,
     format_master_key,
     is_reserved_name,
     new_dir_id,
@@ -714,3 +715,45 @@ def test_link_tampering_and_plain_targets_are_refused() -> None:
             links.open(bad)
     with pytest.raises(CorruptData):
         LinkCodec.from_master_key(os.urandom(32)).open(stored)
+
+
+# --- extended attributes ---------------------------------------------------------------------
+
+
+def test_xattr_names_are_sealed_deterministically_in_the_user_namespace_only() -> None:
+    xattrs = XattrCodec.from_master_key(MASTER)
+    sealed = xattrs.seal_name(b"user.comment")
+    assert sealed.startswith(b"user.isofs.") and b"comment" not in sealed
+    assert xattrs.seal_name(b"user.comment") == sealed  # looked up by name: deterministic
+    assert xattrs.open_name(sealed) == b"user.comment"
+    for kernel_owned in (b"security.capability", b"system.posix_acl_access", b"trusted.x"):
+        assert xattrs.seal_name(kernel_owned) == kernel_owned
+        assert xattrs.open_name(kernel_owned) == kernel_owned
+    assert xattrs.open_name(b"user.plain") == b"user.plain"  # not sealed: passes through
+    flipped = sealed[:-3] + (b"A" if sealed[-3:-2] != b"A" else b"B") + sealed[-2:]
+    for bad in (flipped, b"user.isofs.not-base64*", b"user.isofs.AAAA"):
+        with pytest.raises(CorruptData):
+            xattrs.open_name(bad)
+    with pytest.raises(ValueError):
+        xattrs.seal_name(b"user." + b"n" * 200)  # longer than 255 bytes once sealed
+    # the documented construction, decoded independently
+    key = HKDF(hashes.SHA256(), 64, salt=None, info=b"isofs xattr names v1").derive(MASTER)
+    from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+
+    raw = base64.urlsafe_b64decode(sealed[len(b"user.isofs.") :] + b"==")
+    assert AESSIV(key).decrypt(raw, [b"isofs xattr name v1"]) == b"comment"
+
+
+def test_xattr_values_are_sealed_to_their_name() -> None:
+    xattrs = XattrCodec.from_master_key(MASTER)
+    name, other = xattrs.seal_name(b"user.a"), xattrs.seal_name(b"user.b")
+    stored = xattrs.seal_value(name, b"secret value")
+    assert b"secret" not in stored and xattrs.seal_value(name, b"secret value") != stored
+    assert xattrs.open_value(name, stored) == b"secret value"
+    assert xattrs.open_value(name, xattrs.seal_value(name, b"")) == b""
+    key = HKDF(hashes.SHA256(), 32, salt=None, info=b"isofs xattr values v1").derive(MASTER)
+    assert AESGCM(key).decrypt(stored[:12], stored[12:], name) == b"secret value"
+    tampered = stored[:-1] + bytes([stored[-1] ^ 1])
+    for bad_name, bad_value in ((other, stored), (name, tampered), (name, stored[:20])):
+        with pytest.raises(CorruptData):
+            xattrs.open_value(bad_name, bad_value)
