@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--allow-other", action="store_true", help="let other users in (permissions apply)"
     )
+    mount.add_argument(
+        "-r", "--read-only", action="store_true",
+        help="refuse every change (EROFS) and write nothing to the source",
+    )  # fmt: skip
     mount.add_argument("--log", dest="log_file", help="daemon log file")
     views = mount.add_argument_group("views (first matching rule wins)")
     views.add_argument("--policy", dest="policy_file", metavar="FILE", help="TOML policy file")
@@ -186,6 +190,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         foreground=args.foreground,
         debug=args.debug,
         allow_other=args.allow_other,
+        read_only=args.read_only,
         log_file=args.log_file,
         policy_file=args.policy_file,
         targets=args.target,
@@ -242,8 +247,9 @@ def _spawn_daemon(options: MountOptions) -> int:
         "--cache-size", str(options.cache_size),
         os.path.abspath(options.source), mountpoint,
     ]  # fmt: skip
-    for flag, enabled in (("--debug", options.debug), ("--allow-other", options.allow_other),
-                          ("--no-exec", not options.exec_views)):
+    switches = (("--debug", options.debug), ("--allow-other", options.allow_other),
+                ("--read-only", options.read_only), ("--no-exec", not options.exec_views))
+    for flag, enabled in switches:
         if enabled:
             command.append(flag)
     for flag, value in (("--policy", options.policy_file), ("--default-view", options.default_view),

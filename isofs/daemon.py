@@ -63,6 +63,7 @@ class MountOptions:
     foreground: bool = False
     debug: bool = False
     allow_other: bool = False
+    read_only: bool = False
     log_file: str | None = None
     policy_file: str | None = None
     targets: list[str] = field(default_factory=list)
@@ -164,7 +165,8 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
     _keep_secrets_out_of_dumps()
     _reuse_large_buffers()
     native.raise_fd_limit()
-    persistent = meta_dir is not None and not stack.is_identity
+    # A read-only mount writes nothing to the source: sizes it learns stay in memory.
+    persistent = meta_dir is not None and not stack.is_identity and not options.read_only
     sizes = SizeCache(meta_dir / DB_FILE_NAME if persistent else None)
     invalidator = KernelInvalidator()
     volume = Volume(
@@ -181,6 +183,8 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
     fuse_options |= {"fsname=isofs", "subtype=isofs"}
     if options.allow_other:
         fuse_options.add("allow_other")
+    if options.read_only:
+        fuse_options.add("ro")  # the kernel refuses every change with EROFS
     try:
         pyfuse3.init(operations, mountpoint, fuse_options)
     except RuntimeError as exc:

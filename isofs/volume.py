@@ -717,9 +717,13 @@ class Volume:
             section.mark_stale()
 
     def _open_native_rw(self, inode: Inode) -> int:
+        """Read-write when allowed; read-only for a file we may not write or a source on a
+        read-only filesystem (the kernel then refuses the writes themselves)."""
         try:
             return native.reopen(inode.path_fd, os.O_RDWR)
-        except PermissionError:
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
             return native.reopen(inode.path_fd, os.O_RDONLY)
 
     def _drop_section(self, key: tuple[int, str]) -> None:

@@ -815,6 +815,70 @@ def test_killed_daemon_mid_write_leaves_old_or_new_blocks(tmp_path, mount_factor
         assert damaged == [], check.stdout
 
 
+def tree_state(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    """{path: (mode, mtime_ns, bytes)} of every entry under root, metadata included."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            st = os.lstat(path)
+            data = path.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+            state[os.fspath(path.relative_to(root))] = (st.st_mode, st.st_mtime_ns, data)
+    return state
+
+
+def test_read_only_mount_changes_nothing(tmp_path, mount_factory):
+    vault = make_vault(tmp_path, "--encrypt-names")
+    m = vault.mount_target(mount_factory)
+    doc = payload("doc", 3 * BLOCK + 5)
+    os.mkdir(m.at("dir"))
+    write_file(m.at("dir", "doc"), doc)
+    unmount(m)
+    before = tree_state(vault.source)
+    m = vault.mount_target(mount_factory, "--read-only")
+    assert read_file(m.at("dir", "doc")) == doc
+    assert os.listdir(m.at("dir")) == ["doc"] and os.path.getsize(m.at("dir", "doc")) == len(doc)
+    attempts = {
+        "write": lambda: open(m.at("dir", "doc"), "r+b"),  # noqa: SIM115
+        "create": lambda: open(m.at("dir", "new"), "xb"),  # noqa: SIM115
+        "mkdir": lambda: os.mkdir(m.at("newdir")),
+        "unlink": lambda: os.unlink(m.at("dir", "doc")),
+        "rename": lambda: os.rename(m.at("dir", "doc"), m.at("dir", "moved")),
+        "chmod": lambda: os.chmod(m.at("dir", "doc"), 0o600),
+        "truncate": lambda: os.truncate(m.at("dir", "doc"), 0),
+        "setxattr": lambda: os.setxattr(m.at("dir", "doc"), "user.x", b"y"),
+        "symlink": lambda: os.symlink("doc", m.at("dir", "link")),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno == errno.EROFS, what
+    unmount(m)
+    assert tree_state(vault.source) == before  # not a byte, not a time, not a cache file
+
+
+def test_source_on_a_read_only_filesystem(tmp_path, mount_factory):
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    vault = make_vault(tmp_path, "--encrypt-names")
+    m = vault.mount_target(mount_factory)
+    doc = payload("ro", BLOCK + 1)
+    write_file(m.at("doc"), doc)
+    unmount(m)
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    subprocess.run(["mount", "--bind", "-o", "ro", vault.source, frozen], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", frozen], check=True)
+        secret = ("--passfile", os.fspath(vault.passfile))
+        m = mount_factory(frozen, None, *secret, "--default-view", "target", "--no-exec",
+                          "--read-only")  # fmt: skip
+        assert read_file(m.at("doc")) == doc
+        unmount(m)
+    finally:
+        subprocess.run(["umount", "-l", frozen], check=False)
+
+
 # ----------------------------------------------------------------------------- keys
 
 
