@@ -15,8 +15,9 @@ fsck
     every block read back through the stack, so every block's authentication is verified.
     Damage is reported per file: a corrupt header, a truncated tail (a native size no valid
     file has; the whole blocks before it are still checked), an invalid size that cannot be
-    cut back to a valid one, bad blocks (by number, blocks of the stack's block size), or a
-    corrupt directory key (name transforms). Temporary files left by an interrupted migrate
+    cut back to a valid one, bad blocks (by number, blocks of the stack's block size), a
+    corrupt directory key, or a transformed extended attribute whose name or value fails
+    authentication (name transforms; reported, not repaired). Temporary files left by an interrupted migrate
     (`.isofs-migrate.*`) are reported as stale.
 
     `--repair` first copies the damaged file's native bytes to
@@ -342,7 +343,14 @@ class Problem:
 
 #: Kinds that make a file count as damaged (the others: unreadable, stale temporary file).
 DAMAGE_KINDS = frozenset(
-    {"corrupt header", "truncated tail", "invalid size", "bad blocks", "corrupt directory key"}
+    {
+        "corrupt header",
+        "truncated tail",
+        "invalid size",
+        "bad blocks",
+        "corrupt directory key",
+        "corrupt xattr",
+    }
 )
 _REPAIRABLE = frozenset({"truncated tail", "bad blocks"})
 
@@ -564,6 +572,19 @@ def _examine(
     return True, (report if report.problems else None)
 
 
+def _check_xattrs(transform: NameTransform, fd: int) -> list[Problem]:
+    """Transformed extended attributes whose name or value fails authentication."""
+    problems = []
+    for name in map(os.fsencode, os.listxattr(fd)):
+        try:
+            transform.xattr_name_to_view(name)
+            transform.xattr_value_to_view(name, os.getxattr(fd, name))
+        except CorruptData as exc:
+            problems.append(Problem("corrupt xattr", f"{name.decode(errors='replace')}: "
+                                    f"{_reason(exc)}"))  # fmt: skip
+    return problems
+
+
 def _check_dir_key(transform: NameTransform, path: Path) -> Problem | None:
     try:
         with open(path, "rb") as f:
@@ -706,6 +727,10 @@ def fsck(
 
             try:
                 formatted, found_or_none = _examine(stack, NativeFile(fd), advance)
+                bad_xattrs = _check_xattrs(transform, fd) if transform is not None else []
+                if bad_xattrs:
+                    found_or_none = found_or_none or FileReport(rel, [], block_size=0)
+                    found_or_none.problems += bad_xattrs
             except OSError as exc:
                 formatted = False  # unknown
                 found_or_none = FileReport(rel, [Problem("unreadable", exc.strerror or str(exc))])

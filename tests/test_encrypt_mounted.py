@@ -1407,6 +1407,12 @@ def test_user_xattrs_are_encrypted(tmp_path, mount_factory, target_python):
                             text=True, env=target_python.env, timeout=60)  # fmt: skip
     assert result.returncode != 0 and "Errno 5" in result.stderr, result.stderr
     assert "xattr" in m.log_text() and "failed authentication" in m.log_text()
+    unmount(m)
+    check = run_isofs("fsck", vault.source, "--passfile", vault.passfile)
+    assert check.returncode == 1, check.stdout + check.stderr
+    damaged = [line for line in check.stdout.splitlines() if line.startswith("doc:")]
+    assert damaged == [f"doc: corrupt xattr ({sealed.decode()}: encrypt: xattr value failed "
+                       "authentication)"], damaged  # fmt: skip
 
 
 TARGET_WORK = r"""
