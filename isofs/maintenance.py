@@ -17,8 +17,8 @@ fsck
     file has; the whole blocks before it are still checked), an invalid size that cannot be
     cut back to a valid one, bad blocks (by number, blocks of the stack's block size), a
     corrupt directory key, or a transformed extended attribute whose name or value fails
-    authentication (name transforms; reported, not repaired). Temporary files left by an interrupted migrate
-    (`.isofs-migrate.*`) are reported as stale.
+    authentication (name transforms; reported, not repaired). Temporary files left by an
+    interrupted migrate (`.isofs-migrate.*`) are reported as stale.
 
     `--repair` first copies the damaged file's native bytes to
     `.isofs/lost+found/<path relative to the source>.<UTC timestamp>` (fsynced before anything
