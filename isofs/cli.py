@@ -16,7 +16,14 @@ import time
 from isofs import runtime
 from isofs.config import ConfigError
 from isofs.control import format_status, request_status
-from isofs.daemon import MountError, MountOptions, check_mount, configure_logging, serve
+from isofs.daemon import (
+    MountError,
+    MountOptions,
+    check_mount,
+    configure_logging,
+    daemon_environment,
+    serve,
+)
 from isofs.execview import ExecError, join_view_group
 from isofs.pagecache import DEFAULT_BUDGET
 from isofs.policy import KNOWN_VIEWS
@@ -273,6 +280,7 @@ def _spawn_daemon(options: MountOptions) -> int:
             pass_fds=(write_end, secrets_fd),
             start_new_session=True,
             cwd="/",
+            env=daemon_environment(),
         )
     os.close(write_end)
     os.close(secrets_fd)

@@ -388,3 +388,13 @@ def test_providers_command(isofs_cli):
     result = isofs_cli("providers")
     assert result.returncode == 0
     assert "passthrough" in result.stdout
+
+
+def test_daemon_environment_adds_the_heap_tunable_once(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert daemon.daemon_environment()["GLIBC_TUNABLES"] == daemon.HEAP_TUNABLE
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    env = daemon.daemon_environment()
+    assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{daemon.HEAP_TUNABLE}"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # the user's choice wins
+    assert daemon.daemon_environment()["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
