@@ -1,9 +1,16 @@
 """The user-space page cache: logical pages of every section under one memory budget.
 
 Pages are full-size, zero-padded bytearrays keyed by (section id, page index). The cache owns
-the memory and the LRU order; sections own the meaning (size, dirty data, write-back). Only
-clean pages are evicted: a dirty page leaves the cache only after its section wrote it back,
-and writers push back (flush their own section) when dirty bytes pass half the budget.
+the memory and the eviction order; sections own the meaning (size, dirty data, write-back).
+Only clean pages are evicted: a dirty page leaves the cache only after its section wrote it
+back, and writers push back (flush their own section) when dirty bytes pass half the budget.
+
+Eviction is a segmented LRU, like the kernel's inactive and active lists. A page read in
+waits in the probation segment; used again, it moves to the protected segment. Each segment
+may hold half the budget: protected pages beyond that go back to probation (newest end), and
+probation evicts its oldest. A long streaming read therefore cycles through half the budget
+instead of flushing every page that was in use, and does not grow the cache to its whole
+budget (fresh memory is costly to touch on a VM).
 """
 
 from __future__ import annotations
@@ -39,12 +46,17 @@ class PageCacheStatistics:
 
 
 class PageCache:
-    """Pages of all sections; clean ones in least-recently-used order for eviction."""
+    """Pages of all sections; clean ones in two least-recently-used segments for eviction."""
 
     def __init__(self, budget: int = DEFAULT_BUDGET) -> None:
         self.budget = budget
         self._pages: dict[tuple[int, int], bytearray] = {}
-        self._clean_lru: OrderedDict[tuple[int, int], None] = OrderedDict()
+        #: Clean pages used once since they came in (oldest first), and their bytes.
+        self._probation: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._probation_bytes = 0
+        #: Clean pages used again (or written) while cached.
+        self._protected: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self._protected_bytes = 0
         self._by_section: dict[int, set[int]] = {}
         self._dirty: dict[int, set[int]] = {}
         self._bytes = 0
@@ -63,8 +75,12 @@ class PageCache:
             self.misses += 1
             return None
         self.hits += 1
-        if key in self._clean_lru:
-            self._clean_lru.move_to_end(key)
+        if key in self._protected:
+            self._protected.move_to_end(key)
+        elif key in self._probation:
+            self._unlist(key, page)
+            self._protect(key, page)
+            self._evict()
         return page
 
     def peek(self, section: int, index: int) -> bytearray | None:
@@ -81,20 +97,33 @@ class PageCache:
             if index in self._dirty.get(section, ()):
                 self._dirty_bytes -= len(old)
                 self._dirty[section].discard(index)
-            self._clean_lru.pop(key, None)
+            self._unlist(key, old)
         self._pages[key] = page
         self._bytes += len(page)
         self._by_section.setdefault(section, set()).add(index)
         if dirty:
             self._add_dirty(section, index, page)
         else:
-            self._clean_lru[key] = None
-        self._evict()
+            self._probation[key] = None
+            self._probation_bytes += len(page)
+        self._evict(newest=key)
+
+    def _unlist(self, key: tuple[int, int], page: bytearray) -> None:
+        """Take a page out of whichever eviction segment holds it."""
+        if self._probation.pop(key, 0) is None:
+            self._probation_bytes -= len(page)
+        elif self._protected.pop(key, 0) is None:
+            self._protected_bytes -= len(page)
+
+    def _protect(self, key: tuple[int, int], page: bytearray) -> None:
+        self._protected[key] = None
+        self._protected_bytes += len(page)
 
     def mark_dirty(self, section: int, index: int) -> None:
         if index not in self._dirty.get(section, ()):
-            self._clean_lru.pop((section, index), None)
-            self._add_dirty(section, index, self._pages[(section, index)])
+            page = self._pages[(section, index)]
+            self._unlist((section, index), page)
+            self._add_dirty(section, index, page)
 
     def _add_dirty(self, section: int, index: int, page: bytearray) -> None:
         self._dirty.setdefault(section, set()).add(index)
@@ -114,7 +143,7 @@ class PageCache:
             if index in dirty:
                 dirty.discard(index)
                 self._dirty_bytes -= len(self._pages[(section, index)])
-                self._clean_lru[(section, index)] = None
+                self._protect((section, index), self._pages[(section, index)])  # in use
                 self.write_backs += 1
         if not dirty:
             del self._dirty[section]
@@ -142,24 +171,46 @@ class PageCache:
                 dirty.discard(index)
                 self._dirty_bytes -= len(page)
             else:
-                self._clean_lru.pop((section, index), None)
+                self._unlist((section, index), page)
         if not indexes:
             del self._by_section[section]
         if section in self._dirty and not dirty:
             del self._dirty[section]
 
-    def _evict(self) -> None:
-        """Drop clean pages, least recently used first, until within budget."""
-        while self._bytes > self.budget and self._clean_lru:
-            key, _ = self._clean_lru.popitem(last=False)
-            page = self._pages.pop(key)
-            self._bytes -= len(page)
-            section, index = key
-            indexes = self._by_section[section]
-            indexes.discard(index)
-            if not indexes:
-                del self._by_section[section]
-            self.evictions += 1
+    def _evict(self, newest: tuple[int, int] | None = None) -> None:
+        """Keep each segment within half the budget (protected overflow is demoted to
+        probation; probation drops its oldest, sparing the newest page), then drop clean
+        pages, probation's first, oldest first, until the whole cache is within budget.
+        `newest` is a page just put."""
+        half = self.budget // 2
+        while self._protected_bytes > self.budget - half and len(self._protected) > 1:
+            key, _ = self._protected.popitem(last=False)
+            page = self._pages[key]
+            self._protected_bytes -= len(page)
+            self._probation[key] = None
+            self._probation_bytes += len(page)
+        while self._probation_bytes > half and len(self._probation) > 1:
+            self._evict_oldest(self._probation)
+        while self._bytes > self.budget and (self._probation or self._protected):
+            # A page just put is spared while protected pages remain: dirty pages may fill
+            # what protected leaves free, and a new page must still get in.
+            spare = self._protected and next(iter(self._probation), None) == newest
+            self._evict_oldest(self._protected if spare else self._probation or self._protected)
+
+    def _evict_oldest(self, segment: OrderedDict[tuple[int, int], None]) -> None:
+        key, _ = segment.popitem(last=False)
+        page = self._pages.pop(key)
+        self._bytes -= len(page)
+        if segment is self._probation:
+            self._probation_bytes -= len(page)
+        else:
+            self._protected_bytes -= len(page)
+        section, index = key
+        indexes = self._by_section[section]
+        indexes.discard(index)
+        if not indexes:
+            del self._by_section[section]
+        self.evictions += 1
 
     # ------------------------------------------------------------------ pressure
 

@@ -1,8 +1,9 @@
-"""PageCache: lookups, LRU eviction of clean pages only, dirty accounting, statistics.
+"""PageCache: lookups, segmented-LRU eviction of clean pages only, dirty accounting, statistics.
 
 The unit tests pin each rule down with a concrete scenario and check the byte accounting
 (`bytes_cached`, `dirty_bytes`) after every operation; the state machine at the end drives
-random operation sequences against a plain model of (contents, dirty set, LRU order, counters).
+random operation sequences against a plain model of (contents, dirty set, both segments'
+orders, counters).
 """
 
 from __future__ import annotations
@@ -144,45 +145,73 @@ def test_get_of_dirty_page_counts_hit() -> None:
 # ------------------------------------------------------------------------- eviction
 
 
-def test_lru_eviction_order_by_insertion() -> None:
-    cache = PageCache(budget=3 * P)
-    for i in range(3):
+def test_pages_read_once_take_at_most_half_the_budget_oldest_out_first() -> None:
+    cache = PageCache(budget=4 * P)
+    for i in range(2):
         cache.put(1, i, page(i))
-    assert accounting(cache) == (3 * P, 0, 3)  # exactly the budget: nothing evicted
-    cache.put(1, 3, page(3))
-    assert cache.peek(1, 0) is None
-    assert [cache.peek(1, i) is not None for i in range(4)] == [False, True, True, True]
-    assert accounting(cache) == (3 * P, 0, 3)
+    assert accounting(cache) == (2 * P, 0, 2)  # half the budget: nothing evicted
+    cache.put(1, 2, page(2))
+    assert [cache.peek(1, i) is not None for i in range(3)] == [False, True, True]
+    assert accounting(cache) == (2 * P, 0, 2)
     assert cache.statistics().evictions == 1
 
 
-def test_get_refreshes_lru_but_peek_does_not() -> None:
-    cache = PageCache(budget=3 * P)
-    for i in range(3):
+def test_a_streaming_read_does_not_flush_pages_in_use() -> None:
+    """Scan resistance: pages used twice survive any number of pages used once."""
+    cache = PageCache(budget=4 * P)
+    for i in range(2):
         cache.put(1, i, page(i))
-    cache.get(1, 0)  # 0 becomes most recent: 1 is now the oldest
-    cache.peek(1, 1)  # no effect on order
-    cache.put(1, 3, page(3))
-    assert cache.peek(1, 1) is None
-    assert cache.peek(1, 0) is not None
-    cache.put(1, 4, page(4))
-    assert cache.peek(1, 2) is None
-    assert sorted(i for i in range(5) if cache.peek(1, i) is not None) == [0, 3, 4]
-    assert cache.statistics().evictions == 2
+        assert cache.get(1, i) is not None  # used again: protected
+    for i in range(100):
+        cache.put(2, i, page(i))
+    assert cache.peek(1, 0) is not None and cache.peek(1, 1) is not None
+    assert [i for i in range(100) if cache.peek(2, i) is not None] == [98, 99]
+    assert accounting(cache) == (4 * P, 0, 4)
 
 
-def test_reput_refreshes_lru() -> None:
-    cache = PageCache(budget=2 * P)
+def test_get_protects_but_peek_does_not() -> None:
+    cache = PageCache(budget=4 * P)
     cache.put(1, 0, page(0))
     cache.put(1, 1, page(1))
-    cache.put(1, 0, page(9))  # replacing makes it most recent
+    cache.get(1, 0)  # protected now: 1 is the only page on probation
+    cache.peek(1, 1)  # no effect
     cache.put(1, 2, page(2))
+    cache.put(1, 3, page(3))  # probation holds 1, 2, 3: over its half, 1 goes
     assert cache.peek(1, 1) is None
-    assert cache.peek(1, 0) == page(9)
+    assert sorted(i for i in range(4) if cache.peek(1, i) is not None) == [0, 2, 3]
+    assert cache.statistics().evictions == 1
+
+
+def test_protected_overflow_goes_back_on_probation() -> None:
+    cache = PageCache(budget=4 * P)
+    for i in range(3):
+        cache.put(1, i, page(i))
+        cache.get(1, i)
+    # three protected pages are over half the budget: the oldest (0) is demoted, not dropped
+    assert accounting(cache) == (3 * P, 0, 3)
+    cache.put(1, 3, page(3))
+    cache.put(1, 4, page(4))  # probation (0, 3, 4) over its half: 0 goes first
+    assert cache.peek(1, 0) is None
+    assert sorted(i for i in range(5) if cache.peek(1, i) is not None) == [1, 2, 3, 4]
+    cache.get(1, 3)  # protected: 1 is demoted in turn, to probation's newest end
+    cache.put(1, 5, page(5))  # so probation (4, 1, 5) drops 4, not 1
+    assert cache.peek(1, 4) is None
+    assert sorted(i for i in range(6) if cache.peek(1, i) is not None) == [1, 2, 3, 5]
+
+
+def test_reput_starts_again_on_probation() -> None:
+    cache = PageCache(budget=4 * P)
+    cache.put(1, 0, page(0))
+    cache.get(1, 0)
+    cache.put(1, 0, page(9))  # new contents: not proven useful yet
+    cache.put(1, 1, page(1))
+    cache.put(1, 2, page(2))
+    assert cache.peek(1, 0) is None
+    assert cache.peek(1, 2) == page(2)
 
 
 def test_eviction_is_global_across_sections() -> None:
-    cache = PageCache(budget=2 * P)
+    cache = PageCache(budget=4 * P)
     cache.put(1, 0, page(0))
     cache.put(2, 0, page(1))
     cache.put(3, 0, page(2))
@@ -192,10 +221,10 @@ def test_eviction_is_global_across_sections() -> None:
 
 
 def test_big_page_evicts_several() -> None:
-    cache = PageCache(budget=4 * P)
+    cache = PageCache(budget=8 * P)
     for i in range(4):
         cache.put(1, i, page(i))
-    cache.put(2, 0, page(9, 3 * P))
+    cache.put(2, 0, page(9, 3 * P))  # probation 7 pages' worth > 4: oldest go until it fits
     assert accounting(cache) == (4 * P, 0, 2)
     assert cache.statistics().evictions == 3
     assert cache.peek(1, 3) is not None
@@ -223,25 +252,39 @@ def test_dirty_pages_are_never_evicted() -> None:
 
 
 def test_mark_dirty_protects_and_mark_clean_releases() -> None:
-    cache = PageCache(budget=3 * P)
-    for i in range(3):
-        cache.put(1, i, page(i))
+    cache = PageCache(budget=4 * P)
+    cache.put(1, 0, page(0))
+    cache.put(1, 1, page(1))
     cache.mark_dirty(1, 0)
-    assert accounting(cache) == (3 * P, P, 3)
+    assert accounting(cache) == (2 * P, P, 2)
     cache.mark_dirty(1, 0)  # idempotent
-    assert accounting(cache) == (3 * P, P, 3)
-    cache.put(1, 3, page(3))  # evicts the oldest *clean* page: 1, not the dirty 0
+    assert accounting(cache) == (2 * P, P, 2)
+    for i in range(2, 6):  # probation churns; the dirty page is never a candidate
+        cache.put(1, i, page(i))
     assert cache.peek(1, 0) is not None
     assert cache.peek(1, 1) is None
     assert cache.has_dirty(1)
-    cache.mark_clean(1, [0])
+    cache.mark_clean(1, [0])  # written back: in use, so protected
     assert not cache.has_dirty(1)
     assert accounting(cache) == (3 * P, 0, 3)
     assert cache.statistics().write_backs == 1
-    # 0 became the most recently used clean page on mark_clean
-    cache.put(1, 4, page(4))
-    assert cache.peek(1, 2) is None
+    for i in range(6, 10):
+        cache.put(1, i, page(i))
     assert cache.peek(1, 0) is not None
+
+
+def test_dropped_clean_pages_leave_their_segment() -> None:
+    cache = PageCache(budget=6 * P)
+    cache.put(1, 0, page(0))
+    cache.put(2, 0, page(1))
+    cache.put(2, 1, page(2))
+    cache.drop(1)
+    cache.put(3, 0, page(3))  # probation back at its half: nothing evicted
+    assert cache.statistics().evictions == 0
+    cache.put(3, 1, page(4))  # evicts (2, 0), the oldest remaining
+    assert cache.peek(2, 0) is None
+    assert cache.peek(2, 1) is not None
+    assert accounting(cache) == (3 * P, 0, 3)
 
 
 def test_mark_clean_evicts_when_over_budget() -> None:
@@ -306,20 +349,6 @@ def test_drop_from_index_includes_dirty() -> None:
     assert (s.evictions, s.write_backs) == (0, 0)
 
 
-def test_dropped_clean_pages_leave_the_lru() -> None:
-    cache = PageCache(budget=3 * P)
-    cache.put(1, 0, page(0))
-    cache.put(2, 0, page(1))
-    cache.put(2, 1, page(2))
-    cache.drop(1)
-    cache.put(3, 0, page(3))  # fits again: nothing evicted
-    assert cache.statistics().evictions == 0
-    cache.put(3, 1, page(4))  # evicts (2, 0), the oldest remaining
-    assert cache.peek(2, 0) is None
-    assert cache.peek(2, 1) is not None
-    assert accounting(cache) == (3 * P, 0, 3)
-
-
 def test_drop_then_repopulate_section() -> None:
     cache = PageCache(budget=10 * P)
     cache.put(1, 0, page(0), dirty=True)
@@ -362,13 +391,14 @@ def test_statistics_snapshot_is_frozen() -> None:
 
 
 class Model:
-    """What the cache should hold: pages, dirty set, clean LRU order, counters."""
+    """What the cache should hold: pages, dirty set, the two clean segments, counters."""
 
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.pages: dict[tuple[int, int], bytearray] = {}
         self.dirty: set[tuple[int, int]] = set()
-        self.lru: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self.probation: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self.protected: OrderedDict[tuple[int, int], None] = OrderedDict()
         self.hits = self.misses = self.evictions = self.write_backs = 0
 
     @property
@@ -379,33 +409,56 @@ class Model:
     def dirty_bytes(self) -> int:
         return sum(len(self.pages[k]) for k in self.dirty)
 
-    def evict(self) -> None:
-        while self.bytes > self.budget and self.lru:
-            key, _ = self.lru.popitem(last=False)
-            del self.pages[key]
-            self.evictions += 1
+    def size_of(self, segment: OrderedDict[tuple[int, int], None]) -> int:
+        return sum(len(self.pages[k]) for k in segment)
+
+    def drop_key(self, key: tuple[int, int]) -> None:
+        del self.pages[key]
+        self.evictions += 1
+
+    def evict(self, newest: tuple[int, int] | None = None) -> None:
+        half = self.budget // 2
+        while self.size_of(self.protected) > self.budget - half and len(self.protected) > 1:
+            key, _ = self.protected.popitem(last=False)
+            self.probation[key] = None
+        while self.size_of(self.probation) > half and len(self.probation) > 1:
+            self.drop_key(self.probation.popitem(last=False)[0])
+        while self.bytes > self.budget and (self.probation or self.protected):
+            if self.protected and next(iter(self.probation), None) == newest:  # a new page gets in
+                self.drop_key(self.protected.popitem(last=False)[0])
+            else:
+                self.drop_key((self.probation or self.protected).popitem(last=False)[0])
+
+    def unlist(self, key: tuple[int, int]) -> None:
+        self.probation.pop(key, None)
+        self.protected.pop(key, None)
 
     def put(self, key: tuple[int, int], data: bytearray, dirty: bool) -> None:
-        self.lru.pop(key, None)
+        self.unlist(key)
         self.dirty.discard(key)
         self.pages[key] = data
         if dirty:
             self.dirty.add(key)
         else:
-            self.lru[key] = None
-        self.evict()
+            self.probation[key] = None
+        self.evict(newest=key)
 
     def get(self, key: tuple[int, int]) -> bytearray | None:
         if key not in self.pages:
             self.misses += 1
             return None
         self.hits += 1
-        if key in self.lru:
-            self.lru.move_to_end(key)
-        return self.pages[key]
+        page = self.pages[key]
+        if key in self.protected:
+            self.protected.move_to_end(key)
+        elif key in self.probation:
+            del self.probation[key]
+            self.protected[key] = None
+            self.evict()
+        return page
 
     def mark_dirty(self, key: tuple[int, int]) -> None:
-        self.lru.pop(key, None)
+        self.unlist(key)
         self.dirty.add(key)
 
     def mark_clean(self, section: int, indexes: list[int]) -> None:
@@ -413,7 +466,7 @@ class Model:
             key = (section, index)
             if key in self.dirty:
                 self.dirty.discard(key)
-                self.lru[key] = None
+                self.protected[key] = None
                 self.write_backs += 1
         self.evict()
 
@@ -421,7 +474,7 @@ class Model:
         for key in [k for k in self.pages if k[0] == section and k[1] >= from_index]:
             del self.pages[key]
             self.dirty.discard(key)
-            self.lru.pop(key, None)
+            self.unlist(key)
 
 
 SECTIONS = st.integers(1, 3)
@@ -509,7 +562,7 @@ class PageCacheMachine(RuleBasedStateMachine):
         for key, data in m.pages.items():
             assert self.cache.peek(*key) is data
         # within budget unless only dirty pages remain to blame
-        assert s.bytes_cached <= m.budget or not m.lru
+        assert s.bytes_cached <= m.budget or not (m.probation or m.protected)
 
 
 PageCacheMachine.TestCase.settings = settings(
