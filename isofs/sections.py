@@ -120,7 +120,7 @@ class Section:
         if not self.attached:
             return None
         try:
-            return os.readlink(f"/proc/self/fd/{self.native_fd}")
+            return os.readlink(native.proc_path(self.native_fd))
         except OSError as exc:
             return f"unnamed ({exc.strerror})"
 

@@ -170,7 +170,6 @@ class EncryptedFile:
         out = memoryview(native)
         nonces = os.urandom(count * NONCE_SIZE)
         encrypt_into = self._aead.encrypt_into
-        header = self._header
         pos = 0
         for i in range(count):
             chunk = source[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
@@ -178,7 +177,7 @@ class EncryptedFile:
             body = pos + NONCE_SIZE
             end = body + len(chunk) + TAG_SIZE
             out[pos:body] = nonce
-            encrypt_into(nonce, chunk, header + (first + i).to_bytes(8, "big"), out[body:end])
+            encrypt_into(nonce, chunk, self._aad(first + i), out[body:end])
             pos = end
         return native
 
@@ -203,7 +202,6 @@ class EncryptedFile:
         plain = bytearray(len(source) - (full + bool(rest)) * BLOCK_OVERHEAD)
         out = memoryview(plain)
         decrypt_into = self._aead.decrypt_into
-        header = self._header
         for i in range(full + bool(rest)):
             block = source[i * NATIVE_BLOCK_SIZE : (i + 1) * NATIVE_BLOCK_SIZE]
             if self._is_hole(block):
@@ -213,7 +211,7 @@ class EncryptedFile:
                 decrypt_into(
                     block[:NONCE_SIZE],
                     block[NONCE_SIZE:],
-                    header + (first + i).to_bytes(8, "big"),
+                    self._aad(first + i),
                     out[start : start + len(block) - BLOCK_OVERHEAD],
                 )
             except InvalidTag:
