@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from isofs.callers import CallerResolver
+from isofs.views.callers import CallerResolver
 
 CHILDREN = 4
 PER_BATCH = 50

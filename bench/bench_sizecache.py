@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from isofs.sizecache import NOT_FORMATTED, CachedSize, SizeCache, SizeKey, Validators
+from isofs.core.sizecache import NOT_FORMATTED, CachedSize, SizeCache, SizeKey, Validators
 
 DIRTY = 10_000
 LOOKUPS = 200_000

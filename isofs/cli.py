@@ -13,10 +13,10 @@ import subprocess
 import sys
 import time
 
-from isofs import runtime
-from isofs.config import ConfigError
-from isofs.control import format_status, request_status
-from isofs.daemon import (
+from isofs.core.pagecache import DEFAULT_BUDGET
+from isofs.daemon import runtime
+from isofs.daemon.control import format_status, request_status
+from isofs.daemon.serve import (
     MountError,
     MountOptions,
     check_mount,
@@ -24,11 +24,8 @@ from isofs.daemon import (
     daemon_environment,
     serve,
 )
-from isofs.execview import ExecError, join_view_group
-from isofs.pagecache import DEFAULT_BUDGET
-from isofs.policy import KNOWN_VIEWS
 from isofs.provider import ProviderError, SetupRequest, available_providers
-from isofs.secrets import (
+from isofs.secret_sources import (
     ForwardedSecrets,
     InteractiveSecrets,
     KeyFileSecrets,
@@ -36,6 +33,9 @@ from isofs.secrets import (
     send_secrets,
 )
 from isofs.source import init_source, is_initialised, load_stack, meta_dir_of
+from isofs.views.config import ConfigError
+from isofs.views.execgroups import ExecError, join_view_group
+from isofs.views.policy import KNOWN_VIEWS
 
 
 class CommandError(Exception):

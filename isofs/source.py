@@ -12,9 +12,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from isofs.core import METADATA_DIR_NAME
 from isofs.provider import ProviderError, SetupRequest, Stack, load_provider
 
-META_DIR_NAME = ".isofs"
+META_DIR_NAME = METADATA_DIR_NAME
 CONFIG_NAME = "config.json"
 CONFIG_VERSION = 1
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from isofs import runtime
+from isofs.daemon import runtime
 
 CLI_TIMEOUT = 60.0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from isofs.callers import Caller, CallerResolver
+from isofs.views.callers import Caller, CallerResolver
 
 # -- helpers -------------------------------------------------------------------------------
 

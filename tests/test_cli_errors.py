@@ -18,7 +18,8 @@ import pytest
 from conftest import daemons_for
 
 import isofs
-from isofs import daemon, runtime
+from isofs.daemon import runtime
+from isofs.daemon import serve as daemon
 
 pytestmark = pytest.mark.mount
 

@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from isofs import runtime
+from isofs.daemon import runtime
 
 pytestmark = pytest.mark.mount
 

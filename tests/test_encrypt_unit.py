@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from isofs.provider import CorruptData, ProviderError, SetupRequest
 from isofs_providers.encrypt import (
     DIRIV_NAME,
     EncryptLayer,
@@ -33,8 +35,6 @@ from isofs_providers.encrypt import (
     parse_dir_id,
     parse_master_key,
 )
-
-from isofs.provider import CorruptData, ProviderError, SetupRequest
 
 BS = 4096
 NB = BS + 28

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from trio.lowlevel import Task
 from trio.testing import wait_all_tasks_blocked
 
-from isofs.locks import ResourceLock, ResourceLockStatistics
+from isofs.core.locks import ResourceLock, ResourceLockStatistics
 
 Mode = Literal["S", "X"]
 

@@ -14,14 +14,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from isofs_providers.encrypt import BLOCK_SIZE, HEADER_SIZE, NATIVE_BLOCK_SIZE
 
-from isofs import maintenance, runtime
+from isofs import maintenance
+from isofs.core.sections import NativeFile
+from isofs.daemon import runtime
 from isofs.maintenance import MaintenanceError
 from isofs.provider import ProviderError, SetupRequest, Stack
-from isofs.secrets import InteractiveSecrets, KeyFileSecrets
-from isofs.sections import NativeFile
+from isofs.secret_sources import InteractiveSecrets, KeyFileSecrets
 from isofs.source import init_source, load_stack, meta_dir_of
+from isofs_providers.encrypt import BLOCK_SIZE, HEADER_SIZE, NATIVE_BLOCK_SIZE
 
 BS = BLOCK_SIZE
 NB = NATIVE_BLOCK_SIZE
@@ -642,7 +643,7 @@ CRASHING_MIGRATE = """
 import os, sys
 from isofs import maintenance
 from isofs.provider import SetupRequest
-from isofs.secrets import InteractiveSecrets
+from isofs.secret_sources import InteractiveSecrets
 real_rename = os.rename
 calls = []
 def crash(*args, **kwargs):

@@ -15,7 +15,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from isofs.pagecache import (
+from isofs.core.pagecache import (
     DEFAULT_BUDGET,
     MIN_PAGE_SIZE,
     PageCache,

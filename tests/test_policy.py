@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from isofs import config
-from isofs.callers import Caller
-from isofs.config import ConfigError, build_policy, load_policy_file, parse_rule
-from isofs.policy import VIEW_NATIVE, VIEW_TARGET, Policy, Rule
+from isofs.views import config
+from isofs.views.callers import Caller
+from isofs.views.config import ConfigError, build_policy, load_policy_file, parse_rule
+from isofs.views.policy import VIEW_NATIVE, VIEW_TARGET, Policy, Rule
 
 ROOT_USER = pwd.getpwuid(0).pw_name
 ROOT_GROUP = grp.getgrgid(0).gr_name

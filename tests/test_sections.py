@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from isofs_xorpad import HEADER_SIZE, MAGIC, XorPadLayer, xor_at
 
-from isofs.pagecache import PageCache
+from isofs.core.pagecache import PageCache
+from isofs.core.sections import NativeFile, Section, _runs
 from isofs.provider import Stack
-from isofs.sections import NativeFile, Section, _runs
 
 P = 64 << 10  # the real page size for a byte-granular stack
 BUDGET_PAGES = 4

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from isofs.sizecache import (
+from isofs.core.sizecache import (
     DB_FILE_NAME,
     NOT_FORMATTED,
     SCHEMA_VERSION,
@@ -238,7 +238,7 @@ def test_unusable_location_runs_memory_only(
     else:
         path = tmp_path / DB_FILE_NAME
         path.mkdir()
-    with caplog.at_level(logging.WARNING, logger="isofs.sizecache"):
+    with caplog.at_level(logging.WARNING, logger="isofs.core.sizecache"):
         cache = SizeCache(path)
     assert "memory only" in caplog.text
     assert not cache.statistics().persistent
@@ -273,7 +273,7 @@ def test_corrupt_file_is_moved_aside_and_recreated(
     db: Path, caplog: pytest.LogCaptureFixture, damage
 ) -> None:
     damage(db)
-    with caplog.at_level(logging.WARNING, logger="isofs.sizecache"):
+    with caplog.at_level(logging.WARNING, logger="isofs.core.sizecache"):
         cache = SizeCache(db)
     assert "corrupt" in caplog.text
     stats = cache.statistics()
@@ -299,7 +299,7 @@ def test_unknown_schema_version_is_recreated(
         else:
             conn.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'", (version,))
     conn.close()
-    with caplog.at_level(logging.WARNING, logger="isofs.sizecache"):
+    with caplog.at_level(logging.WARNING, logger="isofs.core.sizecache"):
         cache = SizeCache(db)
     assert "schema version" in caplog.text
     assert cache.statistics().persistent
@@ -318,7 +318,7 @@ def test_foreign_database_is_recreated(db: Path, caplog: pytest.LogCaptureFixtur
     conn.execute("CREATE TABLE something_else (x)")
     conn.commit()
     conn.close()
-    with caplog.at_level(logging.WARNING, logger="isofs.sizecache"), SizeCache(db) as cache:
+    with caplog.at_level(logging.WARNING, logger="isofs.core.sizecache"), SizeCache(db) as cache:
         assert cache.statistics().persistent
     assert "recreating" in caplog.text
 
@@ -346,7 +346,7 @@ def test_failed_flush_is_retried(
         raise sqlite3.OperationalError("database is locked")
 
     monkeypatch.setattr(SizeCache, "_write", staticmethod(failing))
-    with caplog.at_level(logging.WARNING, logger="isofs.sizecache"):
+    with caplog.at_level(logging.WARNING, logger="isofs.core.sizecache"):
         assert cache.flush() == 0
     assert "will retry" in caplog.text
     cache.put(key(2), valid(2), 2)
@@ -373,7 +373,7 @@ def test_corruption_found_by_a_flush_recreates_the_file(
         raise error
 
     monkeypatch.setattr(SizeCache, "_write", staticmethod(corrupt))
-    with caplog.at_level(logging.WARNING, logger="isofs.sizecache"):
+    with caplog.at_level(logging.WARNING, logger="isofs.core.sizecache"):
         cache.flush()
     assert "corrupt" in caplog.text
     monkeypatch.setattr(SizeCache, "_write", staticmethod(real_write))

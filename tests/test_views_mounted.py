@@ -30,8 +30,8 @@ from typing import Any
 
 import pytest
 
-from isofs import runtime
-from isofs.execview import unified_hierarchy
+from isofs.daemon import runtime
+from isofs.views.execgroups import unified_hierarchy
 
 pytestmark = pytest.mark.mount
 
@@ -1247,7 +1247,7 @@ def test_changes_behind_the_mounts_back(views):
 
 JOIN_AND_EXEC = (
     "import os, sys\n"
-    "from isofs.execview import join_view_group\n"
+    "from isofs.views.execgroups import join_view_group\n"
     "join_view_group(sys.argv[1], os.getpid())\n"
     "os.execv(sys.argv[2], sys.argv[2:])\n"
 )

@@ -25,17 +25,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from isofs_xorpad import HEADER_SIZE, MAGIC, XorPadLayer, keystream, xor_at
 
-import isofs.volume as volume_module
-from isofs import native
-from isofs.callers import Caller as ProcessCaller
-from isofs.callers import ResolverStatistics
-from isofs.inodes import SHARED, VIEW_CODES, split_nodeid
-from isofs.pagecache import PageCache
-from isofs.policy import Policy, Rule
+import isofs.core.volume as volume_module
+from isofs.core import native
+from isofs.core.inodes import SHARED, VIEW_CODES, split_nodeid
+from isofs.core.pagecache import PageCache
+from isofs.core.sections import NativeFile
+from isofs.core.sizecache import SizeCache
+from isofs.core.volume import SHARED_TTL, Requester, Volume
 from isofs.provider import Stack
-from isofs.sections import NativeFile
-from isofs.sizecache import SizeCache
-from isofs.volume import SHARED_TTL, Requester, Volume
+from isofs.views.callers import Caller as ProcessCaller
+from isofs.views.callers import ResolverStatistics
+from isofs.views.policy import Policy, Rule
 
 ROOT = 1
 TARGET_UID = 12345
@@ -1327,7 +1327,7 @@ async def test_sections_without_handles_hold_no_descriptor(env: Env) -> None:
 def test_a_key_file_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
     """An empty or short directory key file would make every name in its directory
     unreadable: a write that fails (a full disk) removes it again."""
-    from isofs import names
+    from isofs.core import names
 
     dir_fd = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
     try:

@@ -61,7 +61,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from isofs import runtime
+from isofs.core.sections import NativeFile
+from isofs.daemon import runtime
 from isofs.provider import (
     CorruptData,
     NameTransform,
@@ -71,7 +72,6 @@ from isofs.provider import (
     Stack,
     load_provider,
 )
-from isofs.sections import NativeFile
 from isofs.source import META_DIR_NAME, is_initialised, load_stack, meta_dir_of, read_config
 
 TEMP_PREFIX = ".isofs-migrate."

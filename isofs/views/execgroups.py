@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 
-from isofs.policy import KNOWN_VIEWS, Rule
+from isofs.views.policy import KNOWN_VIEWS, Rule
 
 GROUP_PREFIX = "isofs.view-"
 

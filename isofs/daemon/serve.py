@@ -23,19 +23,19 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from isofs import native
-from isofs.callers import CallerResolver
-from isofs.config import ConfigError, build_policy
-from isofs.control import serve_control
-from isofs.execview import exec_rules
-from isofs.fs import IsoFS, KernelInvalidator
-from isofs.pagecache import DEFAULT_BUDGET, PageCache
-from isofs.policy import Policy
+from isofs.core import native
+from isofs.core.pagecache import DEFAULT_BUDGET, PageCache
+from isofs.core.sizecache import DB_FILE_NAME, SizeCache
+from isofs.core.volume import Volume
+from isofs.daemon.control import serve_control
+from isofs.daemon.runtime import MountRecord, is_mounted, mount_device
+from isofs.fuse.operations import IsoFS, KernelInvalidator
 from isofs.provider import ProviderError, SecretSource, SetupRequest, Stack
-from isofs.runtime import MountRecord, is_mounted, mount_device
-from isofs.sizecache import DB_FILE_NAME, SizeCache
 from isofs.source import META_DIR_NAME, load_stack
-from isofs.volume import Volume
+from isofs.views.callers import CallerResolver
+from isofs.views.config import ConfigError, build_policy
+from isofs.views.execgroups import exec_rules
+from isofs.views.policy import Policy
 
 log = logging.getLogger("isofs")
 

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from isofs.stats import RequestStats
-from isofs.volume import Entry, Requester, Volume
+from isofs.core.volume import Entry, Requester, Volume
+from isofs.fuse.stats import RequestStats
 
 RequestContext = pyfuse3.RequestContext
 

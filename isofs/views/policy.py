@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from isofs.callers import Caller
+    from isofs.views.callers import Caller
 
 VIEW_NATIVE = "native"
 VIEW_TARGET = "target"

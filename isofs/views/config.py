@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from isofs.policy import KNOWN_VIEWS, VIEW_NATIVE, VIEW_TARGET, Policy, Rule
+from isofs.views.policy import KNOWN_VIEWS, VIEW_NATIVE, VIEW_TARGET, Policy, Rule
 
 RULE_KEYS = ("exe", "uid", "gid", "cgroup", "ancestor", "comm")
 _GLOB_KEYS = ("exe", "cgroup", "ancestor", "comm")

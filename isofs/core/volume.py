@@ -16,17 +16,17 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from isofs import native
-from isofs.callers import CallerResolver
-from isofs.inodes import CODE_VIEWS, SHARED, VIEW_CODES, Inode, InodeTable, make_nodeid
-from isofs.names import ViewNames
-from isofs.pagecache import PageCache, page_size_for
-from isofs.policy import VIEW_NATIVE, Policy
+from isofs.core import METADATA_DIR_NAME as META_DIR_NAME
+from isofs.core import native
+from isofs.core.inodes import CODE_VIEWS, SHARED, VIEW_CODES, Inode, InodeTable, make_nodeid
+from isofs.core.names import ViewNames
+from isofs.core.pagecache import PageCache, page_size_for
+from isofs.core.sections import NativeFile, Section
+from isofs.core.sizecache import NOT_FORMATTED, SizeCache
+from isofs.core.sizecache import logical_size as cached_logical_size
 from isofs.provider import Stack
-from isofs.sections import NativeFile, Section
-from isofs.sizecache import NOT_FORMATTED, SizeCache
-from isofs.sizecache import logical_size as cached_logical_size
-from isofs.source import META_DIR_NAME
+from isofs.views.callers import CallerResolver
+from isofs.views.policy import VIEW_NATIVE, Policy
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from isofs import native
+from isofs.core import native
 
 SHARED = 1
 VIEW_CODES: dict[str, int] = {"native": 2, "target": 3}

@@ -33,7 +33,7 @@ from isofs.provider import (
     SecretSource,
     SetupRequest,
 )
-from isofs.secrets import KeyFileSecrets
+from isofs.secret_sources import KeyFileSecrets
 
 # --- content format --------------------------------------------------------------------------
 

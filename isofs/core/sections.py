@@ -17,9 +17,9 @@ from typing import TypeVar
 
 import trio
 
-from isofs import native
-from isofs.locks import ResourceLock
-from isofs.pagecache import PageCache
+from isofs.core import native
+from isofs.core.locks import ResourceLock
+from isofs.core.pagecache import PageCache
 from isofs.provider import CorruptData, RandomAccessFile, Stack
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,2 @@
+"""The mount daemon: mounting and serving (serve.py), mount records (runtime.py) and the
+status socket (control.py)."""

@@ -1,0 +1,1 @@
+"""The FUSE front end: pyfuse3 operations that translate requests into `isofs.core` calls."""
