@@ -69,9 +69,12 @@ class NativeFile:
 INLINE_LIMIT = 4 << 20
 
 
-async def blocking(function: Callable[..., T], *args: object, size: int = 0) -> T:
-    """Run provider or disk work: inline unless it is larger than any one request."""
-    if size <= INLINE_LIMIT:
+async def blocking(
+    function: Callable[..., T], *args: object, size: int = 0, io_bound: bool = False
+) -> T:
+    """Run provider or disk work: inline unless it is larger than any one request, or it may
+    block on I/O beyond the native file (a layer over a network store)."""
+    if size <= INLINE_LIMIT and not io_bound:
         return function(*args)
     return await trio.to_thread.run_sync(function, *args)
 
@@ -152,8 +155,13 @@ class Section:
         finally:
             self.lock.release()
 
+    async def _call(self, function: Callable[..., T], *args: object, size: int = 0) -> T:
+        """A provider call, placed by `blocking` (the stack says whether it may block)."""
+        return await blocking(function, *args, size=size, io_bound=self.stack.io_bound)
+
     async def load(self) -> None:
-        """Open the upper file (reads the header in a worker thread)."""
+        """Open the upper file (reads the header; in a worker thread only for io-bound
+        stacks)."""
         async with self._exclusive():
             await self._reload_if_stale()
 
@@ -170,7 +178,7 @@ class Section:
                 return
             if self.lower.size() != 0:
                 return
-            self.upper = self.stack.create(self.lower)
+            self.upper = await self._call(self.stack.create, self.lower)
             self.formatted = True
             self.size = self.stored_size = 0
             self._wrote_native()
@@ -256,7 +264,7 @@ class Section:
 
     async def _provider_read(self, offset: int, size: int) -> bytes:
         try:
-            return await blocking(self.upper.read, offset, size, size=size)
+            return await self._call(self.upper.read, offset, size, size=size)
         except CorruptData as exc:  # name the file: the provider only knows blocks
             raise CorruptData(f"{self.label}: {exc.strerror}") from None
 
@@ -319,7 +327,7 @@ class Section:
         """Write whole pages to the provider; cached copies of them are superseded."""
         page = self.page_size
         self.cache.drop_range(self.id, offset // page, (offset + len(data)) // page)
-        await blocking(self.upper.write, offset, data, size=len(data))
+        await self._call(self.upper.write, offset, data, size=len(data))
         self.stored_size = max(self.stored_size, offset + len(data))
         self.size = max(self.size, offset + len(data))
         self._wrote_native()
@@ -370,7 +378,7 @@ class Section:
             page = self.cache.peek(self.id, boundary) if new_size % size else None
             if page is not None:  # later growth must read zeros, not the old tail
                 page[new_size % size :] = bytes(size - new_size % size)
-        await blocking(self.upper.truncate, new_size, size=abs(new_size - self.stored_size))
+        await self._call(self.upper.truncate, new_size, size=abs(new_size - self.stored_size))
         self.stored_size = new_size
         self.size = new_size
         self._wrote_native()
@@ -404,10 +412,10 @@ class Section:
                 page = self.cache.peek(self.id, index)
                 if page is not None:
                     blob += memoryview(page)[: end - offset - len(blob)]
-            await blocking(self.upper.write, offset, blob, size=len(blob))
+            await self._call(self.upper.write, offset, blob, size=len(blob))
             self.stored_size = max(self.stored_size, end)
             self.cache.mark_clean(self.id, list(range(start, start + count)))
-        self.upper.flush()
+        await self._call(self.upper.flush)
         self._wrote_native()
         return True
 
@@ -443,7 +451,7 @@ class Section:
             return
         if not self.native_changed():
             if self._rebind:  # same file, new descriptor: only the upper file is rebuilt
-                upper = self.stack.open(self.lower)
+                upper = await self._call(self.stack.open, self.lower)
                 self.upper = upper if upper is not None else self.lower
                 self._rebind = False
             self.stale = False  # nothing changed after all: keep pages and pending writes
@@ -451,10 +459,10 @@ class Section:
         if self.dirty:
             log.error("%s: changed behind the mount's back; unwritten data discarded", self.label)
         self.cache.drop(self.id)
-        upper = self.stack.open(self.lower)
+        upper = await self._call(self.stack.open, self.lower)
         self.formatted = upper is not None
         self.upper = upper if upper is not None else self.lower
-        self.size = self.stored_size = self.upper.size()
+        self.size = self.stored_size = await self._call(self.upper.size)
         self._refresh_validators()
         self.stale = self._rebind = False
 
