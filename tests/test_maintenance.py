@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from isofs import maintenance
+from isofs.maintenance import migration
 from isofs.core.sections import NativeFile
 from isofs.daemon import runtime
 from isofs.maintenance import MaintenanceError
@@ -591,14 +592,14 @@ def test_migrate_skips_files_that_change_while_copied(
     monkeypatch: pytest.MonkeyPatch, src: Path, stack: Stack
 ) -> None:
     (src / "busy").write_bytes(b"v1" * 1000)
-    real_copy = maintenance._copy_into
+    real_import = migration._import
 
-    def copy_then_change(src_fd, upper, size, advance):  # type: ignore[no-untyped-def]
-        real_copy(src_fd, upper, size, advance)
+    def copy_then_change(*args):  # type: ignore[no-untyped-def]
+        real_import(*args)
         with open(src / "busy", "ab") as f:
             f.write(b"more")
 
-    monkeypatch.setattr(maintenance, "_copy_into", copy_then_change)
+    monkeypatch.setattr(migration, "_import", copy_then_change)
     warnings: list[str] = []
     report = maintenance.migrate(src, stack, warn=warnings.append)
     assert report.migrated == [] and report.skipped == [("busy", "it changed while being copied")]
