@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from isofs.mountinfo import mount_table
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 MINIMAL_FS = BENCH_DIR / "minimal_passthrough.py"
@@ -112,29 +114,9 @@ QUICK = Sizes(128 * MiB, MiB, 0, 5_000, 2_000, 100, 600)
 # --------------------------------------------------------------------------------------
 
 
-def _unescape_mountinfo(s: str) -> str:
-    # Mount points in mountinfo escape space, tab, newline and backslash as \ooo.
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and s[i + 1 : i + 4].isdigit() and len(s[i + 1 : i + 4]) == 3:
-            out.append(chr(int(s[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
-
-
 def mounts() -> list[tuple[str, str, str]]:
-    """(mount point, fs type, source) for every line of /proc/self/mountinfo."""
-    result = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(fields) >= 5 and len(rfields) >= 2:
-                result.append((_unescape_mountinfo(fields[4]), rfields[0], rfields[1]))
-    return result
+    """(mount point, fs type, source) for every mount (isofs.mountinfo parses the table)."""
+    return [(e.mountpoint, e.fstype, e.source) for e in mount_table()]
 
 
 def is_mounted(path: Path | str) -> bool:

@@ -1,7 +1,10 @@
-"""The `isofs` command: mount, umount, providers.
+"""The `isofs` command: mount, umount, init, exec, status, providers, passwd, fsck, migrate.
 
 Every failure the user can cause ends as one line `isofs: error: ...` and a non-zero exit,
-never a traceback.
+never a traceback. The command line knows no provider: the flags of `init`, `mount` and
+`passwd` that belong to providers are built from the options they declare
+(`isofs.provider_options`), for the `--provider`s given to init and for the stack recorded in
+the source otherwise. The daemon's command line is rebuilt from the same parser.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
-from isofs.core.pagecache import DEFAULT_BUDGET
 from isofs.daemon import runtime
 from isofs.daemon.control import format_status, request_status
 from isofs.daemon.serve import (
+    DEFAULT_CACHE_SIZE,
     MountError,
     MountOptions,
     check_mount,
@@ -24,7 +28,21 @@ from isofs.daemon.serve import (
     daemon_environment,
     serve,
 )
-from isofs.provider import ProviderError, SetupRequest, available_providers
+from isofs.provider import (
+    Provider,
+    ProviderError,
+    Scope,
+    SetupRequest,
+    available_providers,
+    load_provider,
+    parse_size,
+)
+from isofs.provider_options import (
+    add_provider_options,
+    given_options,
+    merge_key_values,
+    parsed_options,
+)
 from isofs.secret_sources import (
     ForwardedSecrets,
     InteractiveSecrets,
@@ -32,7 +50,7 @@ from isofs.secret_sources import (
     receive_secrets,
     send_secrets,
 )
-from isofs.source import init_source, is_initialised, load_stack, meta_dir_of
+from isofs.source import init_source, is_initialised, load_stack, meta_dir_of, stack_providers
 from isofs.views.config import ConfigError
 from isofs.views.execgroups import ExecError, join_view_group
 from isofs.views.policy import KNOWN_VIEWS
@@ -47,11 +65,40 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"isofs: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="isofs", description="Per-process views of one directory tree.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+class _NotYet(Exception):
+    """The first, lenient look at the command line found it incomplete."""
 
-    mount = commands.add_parser("mount", help="mount SOURCE on MOUNTPOINT")
+
+class _LenientParser(_Parser):
+    """Parses just enough to learn the command, source and providers (no help, no exit)."""
+
+    def error(self, message: str) -> None:
+        raise _NotYet(message)
+
+
+#: Providers whose options become flags, per command (init: its --provider list; mount and
+#: passwd: the source's recorded stack).
+ProvidersByCommand = dict[str, list[type[Provider]]]
+_PROVIDER_SCOPES: dict[str, Scope] = {"init": "init", "mount": "mount", "passwd": "passwd"}
+
+
+def build_parser(
+    providers: ProvidersByCommand | None = None, *, lenient: bool = False
+) -> argparse.ArgumentParser:
+    parser_class = _LenientParser if lenient else _Parser
+    providers = providers or {}
+    parser = parser_class(
+        prog="isofs", description="Per-process views of one directory tree.", add_help=not lenient
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=parser_class)
+
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, add_help=not lenient, **kwargs)
+        if name in _PROVIDER_SCOPES:
+            add_provider_options(sub, providers.get(name, []), _PROVIDER_SCOPES[name])
+        return sub
+
+    mount = command("mount", help="mount SOURCE on MOUNTPOINT")
     mount.add_argument("source")
     mount.add_argument("mountpoint")
     mount.add_argument("-f", "--foreground", action="store_true", help="stay attached")
@@ -80,43 +127,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="ignore `isofs exec` groups (a one-view policy then skips per-process views)",
     )  # fmt: skip
     mount.add_argument(
-        "--cache-size", type=_size, default=DEFAULT_BUDGET, metavar="BYTES",
+        "--cache-size", type=_size, default=DEFAULT_CACHE_SIZE, metavar="BYTES",
         help="page cache budget, e.g. 256M (default 256M)",
     )  # fmt: skip
     _add_secret_options(mount)
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.add_argument("--secrets-fd", type=int, help=argparse.SUPPRESS)
+    mount.set_defaults(parser=mount)  # the daemon's command line is rebuilt from it
 
-    init = commands.add_parser("init", help="record a provider stack for SOURCE")
+    init = command(
+        "init", help="record a provider stack for SOURCE",
+        epilog="Each provider's own options are listed by: isofs init SOURCE --provider NAME "
+        "--help",
+    )  # fmt: skip
     init.add_argument("source")
     init.add_argument(
         "--provider", action="append", required=True, metavar="NAME",
         help="provider to stack (repeat: first is nearest the disk)",
     )  # fmt: skip
-    init.add_argument("--encrypt-names", action="store_true", help="encrypt: file names too")
-    init.add_argument("--scrypt-n", type=int, help="encrypt: scrypt cost (power of two)")
     init.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE",
-        help="provider option (for third-party providers)",
+        help="a provider option, as its flag would give it",
     )  # fmt: skip
     _add_secret_options(init)
 
-    exec_ = commands.add_parser("exec", help="run a command whose process tree gets a view")
+    exec_ = command("exec", help="run a command whose process tree gets a view")
     exec_.add_argument("--view", required=True, choices=KNOWN_VIEWS)
     exec_.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
-    umount = commands.add_parser("umount", help="flush, unmount and wait for the daemon")
+    umount = command("umount", help="flush, unmount and wait for the daemon")
     umount.add_argument("mountpoint")
     umount.add_argument("-z", "--lazy", action="store_true", help="detach even if busy")
     umount.add_argument("--timeout", type=float, default=30.0, help="seconds to wait")
 
-    status = commands.add_parser("status", help="statistics of a live mount")
+    status = command("status", help="statistics of a live mount")
     status.add_argument("mountpoint")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
-    commands.add_parser("providers", help="list installed providers")
+    command("providers", help="list installed providers")
 
-    passwd = commands.add_parser(
+    passwd = command(
         "passwd", help="change the passphrase of SOURCE (no data is re-encrypted)",
         description="Re-wrap the key of every provider of SOURCE's stack that has a passphrase. "
         "The current secret comes from --passfile, --extpass, --keyfile or --masterkey (else "
@@ -127,16 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.add_argument(
         "--new-passfile", metavar="FILE", help="read the new passphrase from FILE's first line"
     )
-    passwd.add_argument("--scrypt-n", type=int, help="encrypt: new scrypt cost (power of two)")
 
-    fsck = commands.add_parser(
+    fsck = command(
         "fsck", help="verify every file of an unmounted SOURCE",
         description="Read every formatted file of SOURCE through its provider stack and report "
-        "damaged files (corrupt header, truncated tail, bad blocks) and stale temporary files. "
-        "Exit status 0: nothing found, 1: something found. --repair copies each damaged file "
-        "to .isofs/lost+found/<path>.<UTC time> first, then cuts a torn tail back to the last "
-        "whole block and rewrites bad blocks as zeros in place; corrupt headers are only "
-        "reported. A mounted SOURCE is refused unless --force.",
+        "damaged files (what each provider checks: corrupt headers, truncated tails, bad blocks, "
+        "...) and stale temporary files. Exit status 0: nothing found, 1: something found. "
+        "--repair copies each damaged file to .isofs/lost+found/<path>.<UTC time> first, then "
+        "lets the provider repair it in place (e.g. cut a torn tail back, rewrite bad blocks "
+        "as zeros); what a provider cannot repair is only reported. A mounted SOURCE is "
+        "refused unless --force.",
     )  # fmt: skip
     fsck.add_argument("source")
     fsck.add_argument("--repair", action="store_true", help="repair what can be repaired")
@@ -144,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     fsck.add_argument("--force", action="store_true", help="run even if SOURCE is mounted")
     _add_secret_options(fsck)
 
-    migrate = commands.add_parser(
-        "migrate", help="format (encrypt) the existing plain files of an unmounted SOURCE",
+    migrate = command(
+        "migrate", help="put the plain files of an unmounted SOURCE in the stack's format",
         description="Rewrite every regular file of SOURCE that is not in the stack's format "
         "in that format, crash-safely (a temporary .isofs-migrate.* file in the same directory, "
         "renamed over the original), keeping owner, mode, times and extended attributes. "
@@ -158,17 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     try:
-        if text[-1:].upper() in units:
-            return int(float(text[:-1]) * units[text[-1].upper()])
-        return int(text)
+        return parse_size(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
 def _add_secret_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("secrets (encrypt)")
+    group = parser.add_argument_group("secrets (providers with a passphrase)")
     group.add_argument("--passfile", metavar="FILE", help="read the passphrase from FILE")
     group.add_argument("--extpass", metavar="CMD", help="run CMD and read the passphrase")
     group.add_argument("--keyfile", metavar="FILE", help="use FILE's bytes instead of a passphrase")
@@ -180,14 +227,44 @@ def _secrets(args: argparse.Namespace) -> InteractiveSecrets:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        providers = _providers_named(argv)
+        args = build_parser(providers).parse_args(argv)
+        args.providers = providers.get(args.command, [])
         return _COMMANDS[args.command](args)
     except (CommandError, ProviderError, ConfigError, ExecError, MountError) as exc:
         print(f"isofs: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _providers_named(argv: list[str]) -> ProvidersByCommand:
+    """The providers whose options the command line takes (first, lenient look at it).
+
+    An unknown `--provider` fails here, with its one line; a source whose stack cannot be
+    read gets no provider flags (the command itself then says what is wrong).
+    """
+    try:
+        args, _ = build_parser(lenient=True).parse_known_args(argv)
+    except _NotYet:
+        return {}
+    if args.command == "init":
+        return {"init": [load_provider(name) for name in args.provider]}
+    if args.command in ("mount", "passwd") and is_initialised(args.source):
+        try:
+            return {args.command: stack_providers(meta_dir_of(args.source))}
+        except ProviderError:
+            return {}
+    return {}
+
+
+def _provider_options(args: argparse.Namespace, scope: Scope) -> dict[str, dict[str, Any]]:
+    """Each provider's options from its flags (and `--option KEY=VALUE` for init), checked."""
+    given = given_options(args, args.providers)
+    given = merge_key_values(given, getattr(args, "option", []), args.providers, scope)
+    return parsed_options(given, args.providers, scope)
 
 
 def _mount_options(args: argparse.Namespace) -> MountOptions:
@@ -206,6 +283,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         exec_views=args.exec_views,
         cache_size=args.cache_size,
         keyfile=args.keyfile,
+        provider_options=_provider_options(args, "mount"),
     )
 
 
@@ -222,8 +300,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     check_mount(options)
     options.policy()
     if is_initialised(options.source):
-        load_stack(meta_dir_of(options.source), options.setup_request())
-    return _spawn_daemon(options)
+        load_stack(
+            meta_dir_of(options.source), options.setup_request(), options.provider_options
+        ).close()
+    return _spawn_daemon(args, options)
 
 
 def _reporter(ready_fd: int | None):  # type: ignore[no-untyped-def]
@@ -240,7 +320,12 @@ def _reporter(ready_fd: int | None):  # type: ignore[no-untyped-def]
     return report
 
 
-def _spawn_daemon(options: MountOptions) -> int:
+#: Mount flags the daemon must not get on its command line: secrets travel through a pipe.
+_NOT_FOR_THE_DAEMON = frozenset({"passfile", "extpass", "masterkey"})
+_PATHS = ("source", "mountpoint", "policy_file", "keyfile", "log_file")
+
+
+def _spawn_daemon(args: argparse.Namespace, options: MountOptions) -> int:
     """Start the daemon in its own session and wait until it mounted or failed."""
     mountpoint = os.path.realpath(options.mountpoint)
     _, default_log, _ = runtime.MountRecord.paths_for(mountpoint)
@@ -248,25 +333,17 @@ def _spawn_daemon(options: MountOptions) -> int:
     read_end, write_end = os.pipe()
     given = options.secrets.given if isinstance(options.secrets, InteractiveSecrets) else {}
     secrets_fd = send_secrets(given)
-    command = [
-        sys.executable, "-m", "isofs", "mount", "--foreground",
-        "--ready-fd", str(write_end), "--secrets-fd", str(secrets_fd), "--log", log_file,
-        "--cache-size", str(options.cache_size),
-        os.path.abspath(options.source), mountpoint,
-    ]  # fmt: skip
-    switches = (("--debug", options.debug), ("--allow-other", options.allow_other),
-                ("--read-only", options.read_only), ("--no-exec", not options.exec_views))
-    for flag, enabled in switches:
-        if enabled:
-            command.append(flag)
-    for flag, value in (("--policy", options.policy_file), ("--default-view", options.default_view),
-                        ("--keyfile", options.keyfile)):
+    daemon_args = argparse.Namespace(**vars(args))
+    for name in _PATHS:
+        value = getattr(daemon_args, name)
         if value is not None:
-            command += [flag, os.path.abspath(value) if flag != "--default-view" else value]
-    for rule in options.targets:
-        command += ["--target", rule]
-    for rule in options.ignores:
-        command += ["--ignore", rule]
+            setattr(daemon_args, name, os.path.abspath(value))
+    daemon_args.mountpoint = mountpoint
+    daemon_args.log_file = log_file
+    daemon_args.foreground = True
+    daemon_args.ready_fd = write_end
+    daemon_args.secrets_fd = secrets_fd
+    command = [sys.executable, "-m", "isofs", "mount", *_argv_of(args.parser, daemon_args)]
     try:
         log_stream = open(log_file, "ab")  # noqa: SIM115 - closed right after the spawn
     except OSError as exc:
@@ -292,6 +369,37 @@ def _spawn_daemon(options: MountOptions) -> int:
     if not message:
         message = f"daemon exited with status {process.returncode}; see {log_file}"
     raise CommandError(message)
+
+
+def _argv_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The command line that makes `parser` parse back to `args` (defaults left out).
+
+    Built from the parser's own actions, so a flag added to `isofs mount` (or declared by a
+    provider) reaches the daemon without a second list of flags beside the parser.
+    """
+    positionals: list[str] = []
+    optionals: list[str] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction) or action.dest in _NOT_FOR_THE_DAEMON:
+            continue
+        value = getattr(args, action.dest, action.default)
+        if not action.option_strings:
+            positionals.append(str(value))
+            continue
+        if value == action.default or value is None:
+            continue
+        flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else (
+            action.option_strings[0])  # fmt: skip
+        if isinstance(action, argparse.BooleanOptionalAction):
+            optionals.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+            optionals.append(flag)
+        elif isinstance(action, argparse._AppendAction):
+            for item in value:
+                optionals += [flag, str(item)]
+        else:
+            optionals += [flag, str(value)]
+    return [*optionals, "--", *positionals]
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -340,29 +448,13 @@ def _is_zombie(pid: int) -> bool:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    options: dict[str, object] = {}
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CommandError(f"--option {item!r}: expected KEY=VALUE")
-        options[key] = value
-    options["encrypt_names"] = args.encrypt_names
-    if args.scrypt_n is not None:
-        options["scrypt_n"] = args.scrypt_n
-    if args.keyfile:
-        options["keyfile"] = args.keyfile
-    if args.masterkey:
-        options["masterkey"] = args.masterkey
-    report: dict[str, str] = {}
-    options["_report"] = report
-    init_source(args.source, args.provider, SetupRequest(options=options, secrets=_secrets(args)))
+    own = _provider_options(args, "init")
+    shared = {"keyfile": args.keyfile} if args.keyfile else {}
+    request = SetupRequest(options=shared, secrets=_secrets(args))
+    init_source(args.source, args.provider, request, own)
     print(f"initialised {args.source} with provider stack: {' -> '.join(args.provider)}")
-    if "master_key" in report:
-        print(
-            "Your master key is printed once, here. Keep it offline: with it, the data can be\n"
-            "recovered if the passphrase is lost (isofs mount --masterkey KEY):\n\n"
-            f"    {report['master_key']}\n"
-        )
+    for message in request.report.values():  # shown once, never stored (a recovery key)
+        print(message)
     return 0
 
 
@@ -411,7 +503,7 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     if args.new_passfile is None and not sys.stdin.isatty():
         raise CommandError("a new passphrase is needed: use --new-passfile or a terminal")
     new = InteractiveSecrets(passfile=args.new_passfile)
-    options = {"scrypt_n": args.scrypt_n} if args.scrypt_n is not None else None
+    options = {k: v for own in _provider_options(args, "passwd").values() for k, v in own.items()}
     try:
         changed = maintenance.change_passphrase(args.source, old, new, options=options)
     except maintenance.MaintenanceError as exc:
@@ -423,38 +515,38 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 def cmd_fsck(args: argparse.Namespace) -> int:
     from isofs import maintenance
 
-    options = {"keyfile": args.keyfile} if args.keyfile else {}
-    request = SetupRequest(options=options, secrets=_secrets(args))
-    try:
-        report = maintenance.fsck_source(
-            args.source, request, repair=args.repair, force=args.force, progress=True
-        )
-    except maintenance.MaintenanceError as exc:
-        raise CommandError(str(exc)) from None
-    except OSError as exc:
-        raise CommandError(f"{exc.filename or args.source}: {exc.strerror or exc}") from None
+    report = _maintain(
+        args, maintenance.fsck_source, repair=args.repair, force=args.force, progress=True
+    )
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
     else:
         print("\n".join(report.lines()))
-    return report.exit_code
+    return int(report.exit_code)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from isofs import maintenance
 
-    options = {"keyfile": args.keyfile} if args.keyfile else {}
-    request = SetupRequest(options=options, secrets=_secrets(args))
-    try:
-        report = maintenance.migrate_source(args.source, request, force=args.force, progress=True)
-    except maintenance.MaintenanceError as exc:
-        raise CommandError(str(exc)) from None
-    except OSError as exc:
-        raise CommandError(f"{exc.filename or args.source}: {exc.strerror or exc}") from None
+    report = _maintain(args, maintenance.migrate_source, force=args.force, progress=True)
     print(report.summary())
     if report.failed:
         raise CommandError(f"{len(report.failed)} files could not be migrated (see above)")
     return 0
+
+
+def _maintain(args: argparse.Namespace, run: Any, **kwargs: Any) -> Any:
+    """Run fsck or migrate with the command line's secrets; errors become one line."""
+    from isofs import maintenance
+
+    options = {"keyfile": args.keyfile} if args.keyfile else {}
+    request = SetupRequest(options=options, secrets=_secrets(args))
+    try:
+        return run(args.source, request, **kwargs)
+    except maintenance.MaintenanceError as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"{exc.filename or args.source}: {exc.strerror or exc}") from None
 
 
 _COMMANDS = {

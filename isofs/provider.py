@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import difflib
 import errno
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -507,11 +508,27 @@ class SetupRequest:
     def secret_source(self) -> SecretSource | None:
         """The secrets to use: a key file given as option `keyfile` wins over the others."""
         keyfile = self.options.get("keyfile")
-        if keyfile:
-            from isofs.secret_sources import KeyFileSecrets
+        return KeyFileSecrets(keyfile) if keyfile else self.secrets
 
-            return KeyFileSecrets(keyfile)
-        return self.secrets
+
+class KeyFileSecrets:
+    """A SecretSource whose passphrase is a key file's exact bytes (no newline stripping)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = path
+
+    def passphrase(self, prompt: str, *, confirm: bool = False) -> bytes:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise ProviderError(f"cannot read key file {self.path}: {exc.strerror}") from None
+        if not data:
+            raise ProviderError(f"key file {self.path} is empty")
+        return data
+
+    def master_key(self) -> bytes | None:
+        return None
 
 
 class Provider(abc.ABC):

@@ -14,7 +14,15 @@ import os
 import subprocess
 import sys
 
-from isofs.provider import ProviderError
+from isofs.provider import KeyFileSecrets, ProviderError
+
+__all__ = [
+    "ForwardedSecrets",
+    "InteractiveSecrets",
+    "KeyFileSecrets",
+    "receive_secrets",
+    "send_secrets",
+]
 
 
 class InteractiveSecrets:
@@ -75,26 +83,6 @@ class InteractiveSecrets:
         if confirm and getpass.getpass("Repeat passphrase: ").encode() != first:
             raise ProviderError("the passphrases do not match")
         return first
-
-
-class KeyFileSecrets:
-    """A SecretSource whose passphrase is a key file's exact bytes (no newline stripping)."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = path
-
-    def passphrase(self, prompt: str, *, confirm: bool = False) -> bytes:
-        try:
-            with open(self.path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise ProviderError(f"cannot read key file {self.path}: {exc.strerror}") from None
-        if not data:
-            raise ProviderError(f"key file {self.path} is empty")
-        return data
-
-    def master_key(self) -> bytes | None:
-        return None
 
 
 class ForwardedSecrets:

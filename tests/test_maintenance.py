@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 
 from isofs import maintenance
-from isofs.maintenance import migration
 from isofs.core.sections import NativeFile
 from isofs.daemon import runtime
-from isofs.maintenance import MaintenanceError
+from isofs.maintenance import MaintenanceError, migration
 from isofs.provider import ProviderError, SetupRequest, Stack
 from isofs.secret_sources import InteractiveSecrets, KeyFileSecrets
 from isofs.source import init_source, load_stack, meta_dir_of

@@ -75,6 +75,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal, TypeAlias
 
+from isofs.core.native import Validators
+
 log = logging.getLogger(__name__)
 
 #: File name of the cache inside a source's metadata directory.
@@ -139,7 +141,6 @@ class NotFormatted(enum.Enum):
 NOT_FORMATTED: Final = NotFormatted.NOT_FORMATTED
 
 SizeKey: TypeAlias = tuple[int, int]  # (st_dev, st_ino) of the native file
-Validators: TypeAlias = tuple[int, int, int]  # (st_size, st_mtime_ns, st_ctime_ns), native
 CachedSize: TypeAlias = int | Literal[NotFormatted.NOT_FORMATTED]
 _Entry: TypeAlias = tuple[Validators, CachedSize]
 # A pending write: the entry and its put sequence number, or None to delete the row.

@@ -14,6 +14,9 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from isofs import durable
+from isofs.mountinfo import mount_table
+
 
 def runtime_dir() -> Path:
     """Per-user directory for mount records and default logs (created 0700)."""
@@ -47,9 +50,7 @@ class MountRecord:
 
     def save(self) -> None:
         record, _, _ = self.paths_for(self.mountpoint)
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self)))
-        tmp.replace(record)
+        durable.replace(record, json.dumps(asdict(self)).encode())
 
     def remove(self) -> None:
         """Forget the mount: its record and its control socket."""
@@ -67,41 +68,17 @@ class MountRecord:
             return None
 
 
-def _unescape(field: str) -> str:
-    """Undo the octal escapes (\\040 for space...) of /proc/self/mountinfo."""
-    raw = field.encode()
-    out = bytearray()
-    i = 0
-    while i < len(raw):
-        if raw[i : i + 1] == b"\\" and raw[i + 1 : i + 4].isdigit():
-            out.append(int(raw[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return os.fsdecode(bytes(out))
-
-
 def mounted_filesystems() -> dict[str, str]:
     """Mount point -> filesystem type, from the kernel's mount table (last mount wins)."""
-    table: dict[str, str] = {}
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            if len(fields) >= 5 and right:
-                table[_unescape(fields[4])] = right.split()[0]
-    return table
+    return {entry.mountpoint: entry.fstype for entry in mount_table()}
 
 
 def mount_device(path: str) -> str | None:
     """The "major:minor" of the filesystem mounted at `path` (without touching the mount)."""
     device = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split(" - ", 1)[0].split()
-            if len(fields) >= 5 and _unescape(fields[4]) == path:
-                device = fields[2]
+    for entry in mount_table():
+        if entry.mountpoint == path:
+            device = entry.device
     return device
 
 

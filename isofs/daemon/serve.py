@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
@@ -53,6 +54,8 @@ TRIM_THRESHOLD = 128 << 20
 #: in the environment when the process starts, so `isofs mount` sets it for the daemon.
 HEAP_TUNABLE = "glibc.malloc.hugetlb=1"
 READAHEAD_KB = 1024
+#: The page cache's budget unless `--cache-size` says otherwise.
+DEFAULT_CACHE_SIZE = DEFAULT_BUDGET
 #: Seconds dirty pages may wait before the daemon writes them back on its own.
 WRITE_BACK_INTERVAL = 5.0
 
@@ -75,9 +78,11 @@ class MountOptions:
     ignores: list[str] = field(default_factory=list)
     default_view: str | None = None
     exec_views: bool = True
-    cache_size: int = DEFAULT_BUDGET
+    cache_size: int = DEFAULT_CACHE_SIZE
     keyfile: str | None = None
     secrets: SecretSource | None = None
+    #: Mount options of the stack's providers, by provider name (typed and checked).
+    provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def policy(self) -> Policy:
         """The mount's policy; `isofs exec` groups come first unless disabled."""
@@ -151,7 +156,7 @@ def open_source(options: MountOptions) -> tuple[str, str, int, Path | None, Stac
     # Reach the metadata through our descriptor: an in-place mount covers the path.
     meta_dir = Path(native.proc_path(meta_fd))
     try:
-        stack = load_stack(meta_dir, options.setup_request())
+        stack = load_stack(meta_dir, options.setup_request(), options.provider_options)
     except BaseException:
         os.close(root_fd)
         os.close(meta_fd)
@@ -195,6 +200,7 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
     except RuntimeError as exc:
         report(f"cannot mount {options.mountpoint}: {exc}")
         volume.close()
+        stack.close()
         return 1
     invalidator.start()
     _, default_log, control = MountRecord.paths_for(mountpoint)
@@ -238,6 +244,7 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
             pyfuse3.close(unmount=not unmounted)
         invalidator.stop()
         volume.close()
+        stack.close()
         sizes.close()
         record.remove()
         log.info("unmounted %s", mountpoint)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 
+from isofs.mountinfo import mount_table
 from isofs.views.policy import KNOWN_VIEWS, Rule
 
 GROUP_PREFIX = "isofs.view-"
@@ -33,12 +34,7 @@ def exec_rules() -> tuple[Rule, ...]:
 
 def unified_hierarchy() -> str | None:
     """Mount point of the cgroup v2 hierarchy, from the kernel's mount table."""
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            if right.split()[:1] == ["cgroup2"]:
-                return left.split()[4]
-    return None
+    return next((e.mountpoint for e in mount_table() if e.fstype == "cgroup2"), None)
 
 
 class ExecError(Exception):
