@@ -116,6 +116,9 @@ class Section:
         self.stale = True
         #: Set by attach(): the upper file must be rebuilt on the new descriptor.
         self._rebind = False
+        #: The upper file was written or truncated since its last flush: a layer may hold
+        #: state (an index, a table at the end of the file) that only its flush() writes.
+        self._upper_pending = False
 
     def native_path(self) -> str | None:
         """Where the native file is now (None when idle), worked out only when asked: a
@@ -174,10 +177,11 @@ class Section:
             return
         async with self._exclusive():
             await self._reload_if_stale()
-            if self.formatted or self.stored_size != 0 or self.dirty:
+            if self.formatted or self.stored_size != 0 or self.has_dirty_pages:
                 return
             if self.lower.size() != 0:
                 return
+            self._upper_pending = True
             self.upper = await self._call(self.stack.create, self.lower)
             self.formatted = True
             self.size = self.stored_size = 0
@@ -327,6 +331,7 @@ class Section:
         """Write whole pages to the provider; cached copies of them are superseded."""
         page = self.page_size
         self.cache.drop_range(self.id, offset // page, (offset + len(data)) // page)
+        self._upper_pending = True
         await self._call(self.upper.write, offset, data, size=len(data))
         self.stored_size = max(self.stored_size, offset + len(data))
         self.size = max(self.size, offset + len(data))
@@ -378,19 +383,26 @@ class Section:
             page = self.cache.peek(self.id, boundary) if new_size % size else None
             if page is not None:  # later growth must read zeros, not the old tail
                 page[new_size % size :] = bytes(size - new_size % size)
+        self._upper_pending = True
         await self._call(self.upper.truncate, new_size, size=abs(new_size - self.stored_size))
         self.stored_size = new_size
         self.size = new_size
-        self._wrote_native()
+        await self._flush_upper()
 
     # ------------------------------------------------------------------ write-back
 
     @property
     def dirty(self) -> bool:
+        """Pages or layer state not yet written to the native file."""
+        return self._upper_pending or self.cache.has_dirty(self.id)
+
+    @property
+    def has_dirty_pages(self) -> bool:
+        """Pages not yet given to the provider: then only this section knows the size."""
         return self.cache.has_dirty(self.id)
 
     async def flush(self) -> bool:
-        """Write dirty pages back to the provider; True if anything was written."""
+        """Write dirty pages back to the provider and flush it; True if anything was written."""
         if not self.dirty:
             return False
         async with self._exclusive():
@@ -399,7 +411,10 @@ class Section:
     async def _write_back_locked(self) -> bool:
         indexes = self.cache.dirty_indexes(self.id)
         if not indexes:
-            return False
+            if not self._upper_pending:
+                return False
+            await self._flush_upper()
+            return True
         size = self.page_size
         for start, count in _runs(indexes):
             offset = start * size
@@ -415,9 +430,17 @@ class Section:
             await self._call(self.upper.write, offset, blob, size=len(blob))
             self.stored_size = max(self.stored_size, end)
             self.cache.mark_clean(self.id, list(range(start, start + count)))
-        await self._call(self.upper.flush)
-        self._wrote_native()
+        await self._flush_upper()
         return True
+
+    async def _flush_upper(self) -> None:
+        self._upper_pending = False
+        try:
+            await self._call(self.upper.flush)
+        except BaseException:
+            self._upper_pending = True
+            raise
+        self._wrote_native()
 
     async def fsync(self, datasync: bool) -> None:
         await self.flush()
@@ -459,6 +482,7 @@ class Section:
         if self.dirty:
             log.error("%s: changed behind the mount's back; unwritten data discarded", self.label)
         self.cache.drop(self.id)
+        self._upper_pending = False
         upper = await self._call(self.stack.open, self.lower)
         self.formatted = upper is not None
         self.upper = upper if upper is not None else self.lower

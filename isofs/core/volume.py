@@ -228,7 +228,7 @@ class Volume:
         """
         validators = native.Validators.of(st)
         section = self.sections.get((inode.number, view))
-        if section is not None and (section.dirty or section.validators == validators):
+        if section is not None and (section.has_dirty_pages or section.validators == validators):
             return section.size
         cached = self.sizes.get(inode.key, validators)
         if cached is None:
