@@ -105,6 +105,10 @@ class InodeTable:
     def find(self, number: int) -> Inode | None:
         return self._by_number.get(number)
 
+    def by_key(self, key: tuple[int, int]) -> Inode | None:
+        """The inode of a native (st_dev, st_ino), if the table holds it."""
+        return self._by_key.get(key)
+
     def by_nodeid(self, nodeid: int) -> tuple[Inode, int]:
         number, code = split_nodeid(nodeid)
         return self.get(number), code

@@ -239,6 +239,11 @@ class SizeCache:
         self._misses += 1
         return None
 
+    def peek(self, key: SizeKey, validators: Validators) -> bool:
+        """Whether `get` would hit, counting nothing and dropping nothing."""
+        entry = self._entries.get(key)
+        return entry is not None and entry[0] == validators
+
     def put(
         self, key: SizeKey, validators: Validators, value: CachedSize, *, exact: bool = False
     ) -> None:

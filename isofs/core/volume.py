@@ -8,6 +8,7 @@ returns plain dataclasses. It never imports pyfuse3, so all of it is testable wi
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
@@ -15,20 +16,22 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 from isofs.core import METADATA_DIR_NAME as META_DIR_NAME
 from isofs.core import native
 from isofs.core.inodes import CODE_VIEWS, SHARED, VIEW_CODES, Inode, InodeTable, make_nodeid
 from isofs.core.names import ViewNames
 from isofs.core.pagecache import PageCache, page_size_for
-from isofs.core.sections import NativeFile, Section
+from isofs.core.sections import Section
 from isofs.core.sizecache import NOT_FORMATTED, SizeCache
-from isofs.core.sizecache import logical_size as cached_logical_size
+from isofs.core.sizing import SizeMiss, Sizer
 from isofs.provider import Stack
 from isofs.views.callers import CallerResolver
 from isofs.views.policy import VIEW_NATIVE, Policy
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: How long the kernel may trust names and attributes that are the same in every view.
 #: Bounds how late a change made behind the mount's back is seen.
@@ -106,6 +109,8 @@ class DirHandle:
     inode: Inode
     view: str
     names: list[tuple[str, str]] | None = None
+    #: `prepare_listing` took the snapshot for the readdir that follows (do not take another).
+    prepared: bool = False
 
 
 @dataclass(slots=True)
@@ -132,6 +137,7 @@ class Volume:
         cache: PageCache | None = None,
         sizes: SizeCache | None = None,
         invalidate: Callable[[int], None] | None = None,
+        measure_inline: bool = True,
     ) -> None:
         self.inodes = InodeTable(root_fd)
         self.stack = stack or Stack([])
@@ -139,6 +145,11 @@ class Volume:
         self.resolver = resolver
         self.cache = cache or PageCache()
         self.sizes = sizes if sizes is not None else SizeCache(None)
+        self.sizer = Sizer(self.stack, self.sizes)
+        #: Whether a missing logical size may be read on the calling thread (no event loop
+        #: to keep free: unit tests). The daemon turns it off: see `sized`, `prepare_listing`.
+        self._measure_inline = measure_inline
+        self.sizer.measure_inline = measure_inline
         self.page_size = page_size_for(self.stack.block_size)
         #: Called with a nodeid whose kernel caches are stale; must not block the caller.
         self.invalidate = invalidate or (lambda nodeid: None)
@@ -230,27 +241,29 @@ class Volume:
         section = self.sections.get((inode.number, view))
         if section is not None and (section.has_dirty_pages or section.validators == validators):
             return section.size
-        cached = self.sizes.get(inode.key, validators)
-        if cached is None:
-            try:
-                size = self._measure(inode, st)
-            except OSError as exc:  # shown as native size, never cached as if it were true
-                log.error("%s: cannot read the logical size: %s", self.describe(inode), exc)
-                return st.st_size
-            cached = NOT_FORMATTED if size is None else size
-            self.sizes.put(inode.key, validators, cached)
-        return cached_logical_size(cached, st.st_size)
+        return self.sizer.size_of(inode.key, st, inode.path_fd, lambda: self.describe(inode))
 
-    def _measure(self, inode: Inode, st: os.stat_result) -> int | None:
-        """Logical size by reading the file's header; None when it is not formatted."""
-        if st.st_size == 0:
-            return None
-        fd = native.reopen(inode.path_fd, os.O_RDONLY)
+    def _inline(self, call: Callable[[], T]) -> T:
+        """Run `call` allowing sizes to be measured on this thread (a rare fallback)."""
+        self.sizer.measure_inline = True
         try:
-            upper = self.stack.open(NativeFile(fd))
-            return None if upper is None else upper.size()
+            return call()
         finally:
-            os.close(fd)
+            self.sizer.measure_inline = self._measure_inline
+
+    async def sized(self, call: Callable[[], T]) -> T:
+        """Run a metadata call whose answer may need a logical size that only the file knows:
+        the file is then measured in a worker thread, and the call made again (lookup and
+        getattr change nothing before they compute attributes, so a retry is harmless)."""
+        self.sizer.measure_inline = False
+        try:
+            return call()
+        except SizeMiss as miss:
+            path_fd = miss.path_fd
+        finally:
+            self.sizer.measure_inline = self._measure_inline
+        await self.sizer.measure_one(path_fd, lambda: f"descriptor {path_fd}")
+        return self._inline(call)  # known now, unless the file changed again meanwhile
 
     def describe(self, inode: Inode) -> str:
         """The native path of an inode, for log lines that must name the file."""
@@ -574,8 +587,9 @@ class Volume:
         directory changes. The caller confirms each entry the kernel kept with `confirm`.
         """
         handle = self._dir_handles[fh]
-        if handle.names is None or start == 0:
+        if handle.names is None or (start == 0 and not handle.prepared):
             handle.names = self._listing(handle.inode, handle.view)
+        handle.prepared = False
         if start == 0:
             yield ".", None, 1
         if start <= 1:
@@ -586,7 +600,41 @@ class Volume:
                 inode, st = self.inodes.remember(handle.inode, native_name)
             except FileNotFoundError:
                 continue
-            yield name, self._entry(inode, st, handle.view), position + 1
+            try:
+                entry = self._entry(inode, st, handle.view)
+            except SizeMiss:  # changed since prepare_listing measured it: measure it here
+                entry = self._inline(functools.partial(self._entry, inode, st, handle.view))
+            yield name, entry, position + 1
+
+    async def prepare_listing(self, fh: int, start: int) -> None:
+        """Before `readdir`: take its snapshot and learn, in one batch in a worker thread, the
+        logical sizes it would otherwise read from each file in turn on the event loop.
+
+        Only the first readdir of a listing measures (later ones continue the snapshot).
+        """
+        handle = self._dir_handles[fh]
+        if handle.names is not None and start != 0:
+            return
+        handle.names = self._listing(handle.inode, handle.view)
+        handle.prepared = True
+        if not self.transforms(handle.view):
+            return
+        missing = []
+        for _name, native_name in handle.names:
+            try:
+                st = native.stat_at(handle.inode.path_fd, native_name)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or not st.st_size:
+                continue
+            key = (st.st_dev, st.st_ino)
+            known = self.inodes.by_key(key)
+            section = self.sections.get((known.number, handle.view)) if known else None
+            if section is not None:
+                continue  # the section knows (or its reload will)
+            if not self.sizer.known_without_consuming(key, native.Validators.of(st)):
+                missing.append(native_name)
+        await self.sizer.measure_names(handle.inode.path_fd, missing)
 
     def _listing(self, directory: Inode, view: str) -> list[tuple[str, str]]:
         """(view name, native name) of every entry a view shows in a directory."""
@@ -942,7 +990,7 @@ class Volume:
                 **asdict(self.cache.statistics()),
                 "hit_ratio": round(self.cache.statistics().hit_ratio, 4),
             },
-            "size_cache": asdict(self.sizes.statistics()),
+            "size_cache": {**asdict(self.sizes.statistics()), **asdict(self.sizer.stats)},
             "io": asdict(self.counters),
         }
 

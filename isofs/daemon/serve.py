@@ -187,6 +187,7 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
         cache=PageCache(options.cache_size),
         sizes=sizes,
         invalidate=invalidator.submit,
+        measure_inline=False,  # sizes that need a file read are read in worker threads
     )
     operations = IsoFS(volume, debug=options.debug)
     fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes

@@ -157,7 +157,9 @@ class IsoFS(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return _fill(self.volume.lookup(parent_inode, os.fsdecode(name), self._caller(ctx)))
+        caller, text = self._caller(ctx), os.fsdecode(name)
+        entry = await self.volume.sized(lambda: self.volume.lookup(parent_inode, text, caller))
+        return _fill(entry)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for nodeid, count in inode_list:
@@ -168,7 +170,8 @@ class IsoFS(pyfuse3.Operations):
 
     @_errors_to_errno
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return _fill(self.volume.getattr(inode, self._caller(ctx).view))
+        view = self._caller(ctx).view
+        return _fill(await self.volume.sized(lambda: self.volume.getattr(inode, view)))
 
     @_errors_to_errno
     async def setattr(
@@ -301,6 +304,7 @@ class IsoFS(pyfuse3.Operations):
 
     @_errors_to_errno
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        await self.volume.prepare_listing(fh, start_id)
         for name, entry, next_id in self.volume.readdir(fh, start_id):
             if entry is None:  # "." and "..": reported, never counted
                 dot = _fill(self.volume.dot_entry(fh, name))

@@ -1,0 +1,201 @@
+"""Learning logical sizes for listings: from the size cache, else from the files, in batches.
+
+A transformed view shows logical sizes, and a provider may have to read a file to know one (a
+header that says whether the file is formatted at all; a seek table at the end). `Sizer`
+answers from the persistent `SizeCache` when it can, and otherwise measures: the first look at
+a directory measures every size its listing misses in one batch in a worker thread, and a
+single stat that misses is measured in a worker thread too, so no file is read on the event
+loop (`measure_inline` is for callers without one: unit tests, maintenance).
+
+A size the cache refuses to keep (a file changed within the last half second, see
+sizecache.py's racy window) is remembered for a moment (`MEMO_SECONDS`, validated like a cache
+entry), so a listing and the stats that follow it, or two processes stat-ing one new file, do
+not measure it again and again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import trio
+
+from isofs.core import native
+from isofs.core.sizecache import NOT_FORMATTED, CachedSize, SizeCache
+from isofs.provider import Stack
+
+log = logging.getLogger(__name__)
+
+#: Just-measured sizes the cache would not keep are remembered this long, at most this many.
+MEMO_SECONDS = 1.0
+MAX_MEMO = 100_000
+
+
+class SizeMiss(Exception):
+    """A size must be read from a file and this call may not do it on the event loop."""
+
+    def __init__(self, path_fd: int) -> None:
+        super().__init__("logical size unknown")
+        self.path_fd = path_fd
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """One file's size as read from the file (None: it could not be read)."""
+
+    key: tuple[int, int]
+    validators: native.Validators
+    value: CachedSize | None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class SizingStatistics:
+    batches: int = 0
+    measured: int = 0
+    failures: int = 0
+    single: int = 0
+
+
+class Sizer:
+    """Logical sizes of native files through one stack (see the module doc)."""
+
+    def __init__(self, stack: Stack, sizes: SizeCache) -> None:
+        self.stack = stack
+        self.sizes = sizes
+        #: Measure on the calling thread when a size is missing (no event loop to protect).
+        self.measure_inline = True
+        self._memo: dict[
+            tuple[int, int], tuple[native.Validators, CachedSize | None, float]
+        ] = {}
+        self.stats = SizingStatistics()
+
+    def known(
+        self, key: tuple[int, int], validators: native.Validators
+    ) -> tuple[bool, CachedSize | None]:
+        """(found, value) without reading the file; value None: it could not be measured."""
+        cached = self.sizes.get(key, validators)
+        if cached is not None:
+            return True, cached
+        memo = self._memo.get(key)
+        if memo is not None and memo[0] == validators and time.monotonic() < memo[2]:
+            return True, memo[1]
+        return False, None
+
+    def known_without_consuming(
+        self, key: tuple[int, int], validators: native.Validators
+    ) -> bool:
+        """Whether the size is known without reading the file (a memo stays for its reader)."""
+        if self.sizes.peek(key, validators):
+            return True
+        memo = self._memo.get(key)
+        return memo is not None and memo[0] == validators and time.monotonic() < memo[2]
+
+    def size_of(self, key: tuple[int, int], st: os.stat_result, path_fd: int,
+                describe: Callable[[], str]) -> int:  # fmt: skip
+        """The logical size of a regular file (measured now if allowed, else SizeMiss)."""
+        if not st.st_size:
+            return 0  # an empty native file is not formatted: nothing to read
+        validators = native.Validators.of(st)
+        found, value = self.known(key, validators)
+        if not found:
+            if not self.measure_inline:
+                raise SizeMiss(path_fd)
+            measured = self._measure_path_fd(path_fd)
+            self._remember(measured)
+            value = measured.value
+            if measured.error is not None:
+                log.error("%s: cannot read the logical size: %s", describe(), measured.error)
+        if value is None:  # shown as native size, never cached as if it were true
+            return st.st_size
+        return st.st_size if value is NOT_FORMATTED else value
+
+    # -- measuring (blocking; worker threads) ---------------------------------------------
+
+    def _measure_fd(self, fd: int) -> Measured:
+        st = os.fstat(fd)
+        key, validators = (st.st_dev, st.st_ino), native.Validators.of(st)
+        try:
+            upper = self.stack.open(_ReadOnly(fd)) if st.st_size else None
+            value: CachedSize = NOT_FORMATTED if upper is None else upper.size()
+        except OSError as exc:
+            return Measured(key, validators, None, exc.strerror or str(exc))
+        return Measured(key, validators, value)
+
+    def _measure_path_fd(self, path_fd: int) -> Measured:
+        fd = native.reopen(path_fd, os.O_RDONLY)
+        try:
+            return self._measure_fd(fd)
+        finally:
+            os.close(fd)
+
+    def _measure_names(self, dir_fd: int, names: Iterable[str]) -> list[Measured]:
+        found = []
+        for name in names:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError:
+                continue  # gone or unreadable: the listing's own lookup will say
+            try:
+                found.append(self._measure_fd(fd))
+            finally:
+                os.close(fd)
+        return found
+
+    # -- asynchronous entry points (event loop) ---------------------------------------------
+
+    async def measure_names(self, dir_fd: int, names: list[str]) -> None:
+        """Measure the named files of one directory in one worker-thread call.
+
+        The caller keeps `dir_fd` open meanwhile (an open directory handle pins it).
+        """
+        if not names:
+            return
+        self.stats.batches += 1
+        results = await trio.to_thread.run_sync(self._measure_names, dir_fd, names)
+        for measured in results:
+            self._remember(measured)
+
+    async def measure_one(self, path_fd: int, describe: Callable[[], str]) -> None:
+        """Measure one file (its O_PATH descriptor kept open by the caller) in a thread."""
+        self.stats.single += 1
+        measured = await trio.to_thread.run_sync(self._measure_path_fd, path_fd)
+        if measured.error is not None:
+            log.error("%s: cannot read the logical size: %s", describe(), measured.error)
+        self._remember(measured)
+
+    def _remember(self, measured: Measured) -> None:
+        self.stats.measured += 1
+        if measured.value is None:
+            self.stats.failures += 1
+        else:
+            self.sizes.put(measured.key, measured.validators, measured.value)
+        if len(self._memo) >= MAX_MEMO:
+            self._memo.clear()
+        expires = time.monotonic() + MEMO_SECONDS
+        self._memo[measured.key] = (measured.validators, measured.value, expires)
+
+
+class _ReadOnly:
+    """The native file for measuring: reads only (a measurement never writes)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    def write(self, offset: int, data: bytes) -> int:
+        raise OSError(30, "measuring never writes")
+
+    def truncate(self, size: int) -> None:
+        raise OSError(30, "measuring never writes")
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def flush(self) -> None:
+        pass

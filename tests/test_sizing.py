@@ -1,0 +1,146 @@
+"""Sizes for listings: misses are measured in one batch per listing, off the event loop.
+
+A `Volume` built as the daemon builds it (`measure_inline=False`) must never read a file to
+learn its logical size inside `readdir`, `lookup` or `getattr` themselves: `prepare_listing`
+measures what a listing misses in one worker-thread call, and `sized` measures a single miss
+in a worker thread. Counted here with a layer that records on which thread files are opened.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from isofs_xorpad import MAGIC, XorPadLayer, xor_at
+
+from isofs.core.sizecache import SizeCache
+from isofs.core.volume import Requester, Volume
+from isofs.provider import Stack
+from isofs.views.policy import Policy
+
+ROOT = 1
+TARGET = Requester(os.getuid(), os.getgid(), "target")
+
+
+class ThreadRecordingLayer(XorPadLayer):
+    """XorPadLayer that remembers which threads asked whether a file is formatted."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.threads: list[int] = []
+
+    def is_formatted(self, lower):  # type: ignore[no-untyped-def]
+        self.threads.append(threading.get_ident())
+        return super().is_formatted(lower)
+
+
+def encode(content: bytes, seed: int = 3) -> bytes:
+    return MAGIC + seed.to_bytes(8, "big") + xor_at(seed, 0, content)
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(40):
+        (src / "d" / f"f{i:02}").write_bytes(encode(bytes(i * 10)))
+    (src / "d" / "plain").write_bytes(b"not formatted")
+    (src / "d" / "empty").write_bytes(b"")
+    (src / "d" / "sub").mkdir()
+    return src
+
+
+def make_volume(src: Path, layer: XorPadLayer) -> tuple[Volume, int]:
+    root_fd = os.open(src, os.O_PATH | os.O_DIRECTORY)
+    volume = Volume(
+        root_fd,
+        stack=Stack([layer]),
+        policy=Policy(default_view="target"),
+        sizes=SizeCache(None, racy_window_ns=0),
+        measure_inline=False,
+    )
+    return volume, root_fd
+
+
+async def list_sizes(volume: Volume, dir_nodeid: int) -> dict[str, int]:
+    fh = volume.opendir(dir_nodeid, TARGET)
+    try:
+        await volume.prepare_listing(fh, 0)
+        return {
+            name: entry.attr.size
+            for name, entry, _ in volume.readdir(fh, 0)
+            if entry is not None and not entry.inode.is_dir
+        }
+    finally:
+        volume.releasedir(fh)
+
+
+async def test_a_listing_measures_its_misses_in_one_batch_off_the_event_loop(source: Path) -> None:
+    layer = ThreadRecordingLayer()
+    volume, root_fd = make_volume(source, layer)
+    try:
+        loop = threading.get_ident()
+        d = (await volume.sized(lambda: volume.lookup(ROOT, "d", TARGET))).nodeid
+        sizes = await list_sizes(volume, d)
+        assert sizes == {
+            **{f"f{i:02}": i * 10 for i in range(40)}, "plain": 13, "empty": 0
+        }
+        assert layer.threads and loop not in layer.threads  # never on the event loop
+        assert volume.sizer.stats.batches == 1
+        assert volume.sizer.stats.measured == 41  # the empty file needs no measuring
+        assert volume.sizer.stats.single == 0
+        # stat after the listing: answered from the cache, no file read at all
+        before = len(layer.threads)
+        for i in range(40):
+            entry = await volume.sized(lambda i=i: volume.lookup(d, f"f{i:02}", TARGET))
+            assert entry.attr.size == i * 10
+        assert len(layer.threads) == before
+        # a second listing measures nothing
+        assert await list_sizes(volume, d) == sizes
+        assert volume.sizer.stats.batches == 1 and len(layer.threads) == before
+    finally:
+        volume.close()
+        os.close(root_fd)
+
+
+async def test_a_single_stat_miss_is_measured_in_a_worker_thread(source: Path) -> None:
+    layer = ThreadRecordingLayer()
+    volume, root_fd = make_volume(source, layer)
+    try:
+        loop = threading.get_ident()
+        d = (await volume.sized(lambda: volume.lookup(ROOT, "d", TARGET))).nodeid
+        entry = await volume.sized(lambda: volume.lookup(d, "f07", TARGET))
+        assert entry.attr.size == 70
+        assert layer.threads and loop not in layer.threads
+        assert volume.sizer.stats.single == 1 and volume.sizer.stats.batches == 0
+        # getattr of the same file: cached now
+        count = len(layer.threads)
+        assert (await volume.sized(lambda: volume.getattr(entry.nodeid, "target"))).attr.size == 70
+        assert len(layer.threads) == count
+        # a change behind the mount: measured again, off the loop, with the new size
+        (source / "d" / "f07").write_bytes(encode(b"x" * 5))
+        assert (await volume.sized(lambda: volume.getattr(entry.nodeid, "target"))).attr.size == 5
+        assert loop not in layer.threads[count:]
+    finally:
+        volume.close()
+        os.close(root_fd)
+
+
+async def test_a_file_changed_between_prepare_and_readdir_still_gets_its_size(
+    source: Path,
+) -> None:
+    layer = ThreadRecordingLayer()
+    volume, root_fd = make_volume(source, layer)
+    try:
+        d = (await volume.sized(lambda: volume.lookup(ROOT, "d", TARGET))).nodeid
+        fh = volume.opendir(d, TARGET)
+        await volume.prepare_listing(fh, 0)
+        (source / "d" / "f03").write_bytes(encode(b"y" * 123))
+        sizes = {n: e.attr.size for n, e, _ in volume.readdir(fh, 0) if e is not None}
+        volume.releasedir(fh)
+        assert sizes["f03"] == 123 and sizes["f04"] == 40
+    finally:
+        volume.close()
+        os.close(root_fd)
