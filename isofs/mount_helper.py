@@ -149,7 +149,7 @@ def translate_option(option: str) -> list[str] | tuple[int, int] | None:
         raise HelperError(f"mount option {key} cannot be used with mount(8){hint}")
     if not sep:
         return [f"--{flag}"]
-    return [f"--{flag}", _unquote(raw_value)]
+    return [f"--{flag}={_unquote(raw_value)}"]  # one word: a value may start with "-"
 
 
 def plan_mount(argv: list[str]) -> Plan:
