@@ -166,6 +166,12 @@ def build_parser(
 
     command("providers", help="list installed providers")
 
+    from isofs import bench
+
+    bench.add_arguments(
+        command("bench", help="measure directory enumeration through isofs views")
+    )
+
     passwd = command(
         "passwd", help="change the passphrase of SOURCE (no data is re-encrypted)",
         description="Re-wrap the key of every provider of SOURCE's stack that has a passphrase. "
@@ -549,6 +555,12 @@ def _maintain(args: argparse.Namespace, run: Any, **kwargs: Any) -> Any:
         raise CommandError(f"{exc.filename or args.source}: {exc.strerror or exc}") from None
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from isofs import bench
+
+    return bench.run(args)
+
+
 _COMMANDS = {
     "mount": cmd_mount,
     "umount": cmd_umount,
@@ -559,4 +571,5 @@ _COMMANDS = {
     "passwd": cmd_passwd,
     "fsck": cmd_fsck,
     "migrate": cmd_migrate,
+    "bench": cmd_bench,
 }
