@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import trio
 
 from isofs.core import native
+from isofs.core.sections import NativeFile
 from isofs.core.sizecache import NOT_FORMATTED, CachedSize, SizeCache
 from isofs.provider import Stack
 
@@ -119,7 +120,7 @@ class Sizer:
         st = os.fstat(fd)
         key, validators = (st.st_dev, st.st_ino), native.Validators.of(st)
         try:
-            upper = self.stack.open(_ReadOnly(fd)) if st.st_size else None
+            upper = self.stack.open(NativeFile(fd)) if st.st_size else None
             value: CachedSize = NOT_FORMATTED if upper is None else upper.size()
         except OSError as exc:
             return Measured(key, validators, None, exc.strerror or str(exc))
@@ -177,25 +178,3 @@ class Sizer:
             self._memo.clear()
         expires = time.monotonic() + MEMO_SECONDS
         self._memo[measured.key] = (measured.validators, measured.value, expires)
-
-
-class _ReadOnly:
-    """The native file for measuring: reads only (a measurement never writes)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def read(self, offset: int, size: int) -> bytes:
-        return os.pread(self.fd, size, offset)
-
-    def write(self, offset: int, data: bytes) -> int:
-        raise OSError(30, "measuring never writes")
-
-    def truncate(self, size: int) -> None:
-        raise OSError(30, "measuring never writes")
-
-    def size(self) -> int:
-        return os.fstat(self.fd).st_size
-
-    def flush(self) -> None:
-        pass
