@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from isofs.provider import (
     CorruptData,
+    KeyFileSecrets,
     Layer,
     Provider,
     ProviderError,
@@ -33,7 +34,6 @@ from isofs.provider import (
     SecretSource,
     SetupRequest,
 )
-from isofs.secret_sources import KeyFileSecrets
 
 # --- content format --------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     "isofs.core": (
         "pyfuse3", "isofs.fuse", "isofs.daemon", "isofs.cli", "isofs.maintenance",
-        "isofs.source", "isofs.provider_options", "isofs.secret_sources",
+        "isofs.source", "isofs.cli.provider_flags", "isofs.cli.passphrases",
     ),
     "isofs.views": ("pyfuse3", "isofs.core", "isofs.fuse", "isofs.daemon", "isofs.cli",
                     "isofs.maintenance"),

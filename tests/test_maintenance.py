@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from isofs import maintenance
+from isofs.cli.passphrases import InteractiveSecrets, KeyFileSecrets
 from isofs.core.sections import NativeFile
 from isofs.daemon import runtime
 from isofs.maintenance import MaintenanceError, migration
 from isofs.provider import ProviderError, SetupRequest, Stack
-from isofs.secret_sources import InteractiveSecrets, KeyFileSecrets
 from isofs.source import init_source, load_stack, meta_dir_of
 from isofs_providers.encrypt import BLOCK_SIZE, HEADER_SIZE, NATIVE_BLOCK_SIZE
 
@@ -643,7 +643,7 @@ CRASHING_MIGRATE = """
 import os, sys
 from isofs import maintenance
 from isofs.provider import SetupRequest
-from isofs.secret_sources import InteractiveSecrets
+from isofs.cli.passphrases import InteractiveSecrets
 real_rename = os.rename
 calls = []
 def crash(*args, **kwargs):

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import Mount, daemons_for, fuse_unavailable, mounted_at, pid_is_running, wait_until
 
-from isofs import mount_helper
-from isofs.daemon import runtime
-from isofs.mount_helper import (
+from isofs.cli import fstab as mount_helper
+from isofs.cli.fstab import (
     MS_NOATIME,
     MS_NODEV,
     MS_NOEXEC,
@@ -32,6 +31,7 @@ from isofs.mount_helper import (
     split_options,
     wanted_bits,
 )
+from isofs.daemon import runtime
 
 HELPER_LINK = Path("/sbin/mount.fuse.isofs")
 PASSPHRASE = "mount helper test passphrase"

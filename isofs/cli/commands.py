@@ -3,7 +3,7 @@
 Every failure the user can cause ends as one line `isofs: error: ...` and a non-zero exit,
 never a traceback. The command line knows no provider: the flags of `init`, `mount` and
 `passwd` that belong to providers are built from the options they declare
-(`isofs.provider_options`), for the `--provider`s given to init and for the stack recorded in
+(`isofs.cli.provider_flags`), for the `--provider`s given to init and for the stack recorded in
 the source otherwise. The daemon's command line is rebuilt from the same parser.
 """
 
@@ -17,6 +17,19 @@ import sys
 import time
 from typing import Any
 
+from isofs.cli.passphrases import (
+    ForwardedSecrets,
+    InteractiveSecrets,
+    KeyFileSecrets,
+    receive_secrets,
+    send_secrets,
+)
+from isofs.cli.provider_flags import (
+    add_provider_options,
+    given_options,
+    merge_key_values,
+    parsed_options,
+)
 from isofs.daemon import runtime
 from isofs.daemon.control import format_status, request_status
 from isofs.daemon.serve import (
@@ -36,19 +49,6 @@ from isofs.provider import (
     available_providers,
     load_provider,
     parse_size,
-)
-from isofs.provider_options import (
-    add_provider_options,
-    given_options,
-    merge_key_values,
-    parsed_options,
-)
-from isofs.secret_sources import (
-    ForwardedSecrets,
-    InteractiveSecrets,
-    KeyFileSecrets,
-    receive_secrets,
-    send_secrets,
 )
 from isofs.source import init_source, is_initialised, load_stack, meta_dir_of, stack_providers
 from isofs.views.config import ConfigError
