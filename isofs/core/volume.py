@@ -14,6 +14,7 @@ import os
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 from isofs.core import METADATA_DIR_NAME as META_DIR_NAME
@@ -464,10 +465,10 @@ class Volume:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         native_name = self._existing(parent, name, caller.view)
         names = self._names_for(caller.view)
-        if names is None:
+        # Natively the directory still holds its key file: it is emptied first.
+        emptied = nullcontext() if names is None else names.emptied(parent.path_fd, native_name)
+        with emptied:
             os.rmdir(native_name, dir_fd=parent.path_fd)
-        else:
-            names.rmdir(parent.path_fd, native_name)
         self._gone(parent, native_name, caller.view)
 
     def rename(
@@ -486,9 +487,26 @@ class Volume:
             new_native = self._existing(new_parent, new_name, caller.view)
         else:
             new_native = self._new(new_parent, new_name, caller.view)
-        native.rename(old_parent.path_fd, old_native, new_parent.path_fd, new_native, flags)
+        names = self._names_for(caller.view)
+        replacing: AbstractContextManager[None] = nullcontext()
+        if names is not None and not flags and self._is_directory(old_parent, old_native):
+            # A directory replaces an empty one, which natively still holds its key file.
+            replacing = names.emptied(new_parent.path_fd, new_native)
+        try:
+            with replacing:
+                native.rename(
+                    old_parent.path_fd, old_native, new_parent.path_fd, new_native, flags
+                )
+        except OSError:
+            if not flags & native.RENAME_EXCHANGE:  # a sidecar written for nothing
+                self._gone(new_parent, new_native, caller.view)
+            raise
         if not flags & native.RENAME_EXCHANGE:
             self._gone(old_parent, old_native, caller.view)
+
+    @staticmethod
+    def _is_directory(parent: Inode, name: str) -> bool:
+        return stat.S_ISDIR(native.stat_at(parent.path_fd, name).st_mode)
 
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(native.proc_path(self.inodes.root.path_fd))
