@@ -246,7 +246,7 @@ class Volume:
         """Logical size by reading the file's header; None when it is not formatted."""
         if st.st_size == 0:
             return None
-        fd = native.reopen(inode.path_fd, os.O_RDONLY)
+        fd = native.reopen_keeping_atime(inode.path_fd, os.O_RDONLY)
         try:
             upper = self.stack.open(NativeFile(fd))
             return None if upper is None else upper.size()
@@ -338,6 +338,9 @@ class Volume:
         if size is not None:
             await self._truncate(inode, view, size)
         if atime_ns is not None or mtime_ns is not None:
+            # Pending pages written back later would move the mtime just set (`cp -p` writes,
+            # sets the times, then closes): they go to the native file first.
+            await self._before_native_change(inode)
             native.set_times(inode.path_fd, atime_ns, mtime_ns)
         return self.getattr(nodeid, caller_view)
 
@@ -359,8 +362,15 @@ class Volume:
         return self._link_target(inode, self._checked_view(code, caller_view))
 
     def _link_target(self, inode: Inode, view: str) -> bytes:
-        stored = native.readlink(inode.path_fd)
+        """The target a view shows. The native view's readlink is the caller's own (it may
+        update the atime, as natively); a transformed view's reads the link once, keeping
+        its atime, and remembers it (a symlink's target never changes)."""
+        if not self.transforms(view):
+            return native.readlink(inode.path_fd)
+        if inode.link_target is None:
+            inode.link_target = native.readlink_keeping_atime(inode.path_fd)
         names = self._names_for(view)
+        stored = inode.link_target
         return stored if names is None else names.link_to_view(stored)
 
     def _give_to_caller(
@@ -610,7 +620,10 @@ class Volume:
         """(view name, native name) of every entry a view shows in a directory."""
         listing = []
         names = self._names_for(view)
-        for native_name in native.list_names(directory.path_fd):
+        # A transformed view lists for itself (names are read, then mapped): like every read
+        # through it, that leaves the native atime alone (docs/ARCHITECTURE.md section 2).
+        keep_atime = self.transforms(view)
+        for native_name in native.list_names(directory.path_fd, keep_atime=keep_atime):
             if self._hidden(directory, native_name, view):
                 continue
             if names is None:
@@ -738,11 +751,11 @@ class Volume:
         """Read-write when allowed; read-only for a file we may not write or a source on a
         read-only filesystem (the kernel then refuses the writes themselves)."""
         try:
-            return native.reopen(inode.path_fd, os.O_RDWR)
+            return native.reopen_keeping_atime(inode.path_fd, os.O_RDWR)
         except OSError as exc:
             if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
-            return native.reopen(inode.path_fd, os.O_RDONLY)
+            return native.reopen_keeping_atime(inode.path_fd, os.O_RDONLY)
 
     def _drop_section(self, key: tuple[int, str]) -> None:
         section = self.sections.pop(key, None)
@@ -833,6 +846,7 @@ class Volume:
         inode = entry.inode
         section = None
         if transformed:
+            native.keep_atime(fd)  # the section's descriptor: its reads are the daemon's
             section = await self._open_section(inode, caller.view, flags | os.O_RDWR, fd)
             fd = -1
             entry = self._entry(inode, native.fstat(inode.path_fd), caller.view)
