@@ -276,3 +276,33 @@ def test_cp_preserves_times_into_the_target_view(tmp_path, mount_factory):
     assert shown(m.at("copy")) == times
     m = remount(m, mount_factory)
     assert shown(m.at("copy")) == times
+
+
+def test_read_only_mount_writes_no_time(tmp_path, mount_factory):
+    """A read-only mount moves no file's or directory's atime and puts no symlink's back
+    (that would set its ctime: a write to a source it promised to leave alone)."""
+    source, secret = make_vault(tmp_path, "--encrypt-names")
+    m = mount_factory(source, None, *secret, "--default-view", "target", "--no-exec")
+    m.at("file").write_bytes(b"y" * 5000)
+    m.at("dir").mkdir()
+    m.at("dir", "inside").write_bytes(b"inside")
+    os.symlink("file", m.at("link"))
+    os.mkfifo(m.at("fifo"))
+    times = chosen_times()
+    for name in ("dir/inside", "file", "link", "fifo", "dir"):
+        os.utime(m.at(name), ns=times[name], follow_symlinks=False)
+    result = m.umount()
+    assert result.returncode == 0, result.stderr
+    assert wait_until(lambda: not m.daemon_running, timeout=10.0)
+    paths = native_paths(source)
+    before = {name: paths[name].lstat() for name in OBJECTS}
+    m = mount_factory(source, None, *secret, "--default-view", "target", "--no-exec",
+                      "--read-only")  # fmt: skip
+    assert m.at("file").read_bytes() == b"y" * 5000
+    assert os.listdir(m.at("dir")) == ["inside"] and m.at("dir", "inside").read_bytes()
+    assert os.readlink(m.at("link")) == "file" and os.lstat(m.at("link")).st_size == 4
+    for name in OBJECTS:
+        st, old = paths[name].lstat(), before[name]
+        assert (st.st_mtime_ns, st.st_ctime_ns) == (old.st_mtime_ns, old.st_ctime_ns), name
+        if name != "link":
+            assert st.st_atime_ns == old.st_atime_ns == times[name][0], name

@@ -121,16 +121,17 @@ def readlink(path_fd: int) -> bytes:
     return os.readlink(b"", dir_fd=path_fd)
 
 
-def readlink_keeping_atime(path_fd: int) -> bytes:
+def readlink_keeping_atime(path_fd: int, *, put_back: bool = True) -> bytes:
     """The stored target for the daemon's own use, with the link's atime as it was.
 
     readlink has no O_NOATIME: when it moved the atime, the old one is put back, which sets
     the link's ctime (utimensat does). Callers read a link once and remember the target
     (a symlink's target never changes), so this happens at most once per link and daemon.
+    Without `put_back` (a mount that must write nothing) the atime moves as any reader's.
     """
     before = fstat(path_fd).st_atime_ns
     target = readlink(path_fd)
-    if fstat(path_fd).st_atime_ns != before:
+    if put_back and fstat(path_fd).st_atime_ns != before:
         with contextlib.suppress(PermissionError):  # not ours to set: as any reader's
             set_times(path_fd, before, None)
     return target

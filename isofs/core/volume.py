@@ -133,8 +133,11 @@ class Volume:
         cache: PageCache | None = None,
         sizes: SizeCache | None = None,
         invalidate: Callable[[int], None] | None = None,
+        read_only: bool = False,
     ) -> None:
         self.inodes = InodeTable(root_fd)
+        #: A read-only mount writes nothing to the source, not even a time put back.
+        self.read_only = read_only
         self.stack = stack or Stack([])
         self.policy = policy or Policy()
         self.resolver = resolver
@@ -363,12 +366,14 @@ class Volume:
 
     def _link_target(self, inode: Inode, view: str) -> bytes:
         """The target a view shows. The native view's readlink is the caller's own (it may
-        update the atime, as natively); a transformed view's reads the link once, keeping
-        its atime, and remembers it (a symlink's target never changes)."""
+        update the atime, as natively); a transformed view reads the link once, keeping its
+        atime, and remembers the target (a symlink's target never changes)."""
         if not self.transforms(view):
             return native.readlink(inode.path_fd)
         if inode.link_target is None:
-            inode.link_target = native.readlink_keeping_atime(inode.path_fd)
+            inode.link_target = native.readlink_keeping_atime(
+                inode.path_fd, put_back=not self.read_only
+            )
         names = self._names_for(view)
         stored = inode.link_target
         return stored if names is None else names.link_to_view(stored)
@@ -498,11 +503,11 @@ class Volume:
         else:
             new_native = self._new(new_parent, new_name, caller.view)
         names = self._names_for(caller.view)
-        replacing: AbstractContextManager[None] = nullcontext()
-        if names is not None and not flags and self._is_directory(old_parent, old_native):
-            # A directory replaces an empty one, which natively still holds its key file.
-            replacing = names.emptied(new_parent.path_fd, new_native)
         try:
+            replacing: AbstractContextManager[None] = nullcontext()
+            if names is not None and not flags and self._is_directory(old_parent, old_native):
+                # A directory replaces an empty one, which natively still holds its key file.
+                replacing = names.emptied(new_parent.path_fd, new_native)
             with replacing:
                 native.rename(
                     old_parent.path_fd, old_native, new_parent.path_fd, new_native, flags

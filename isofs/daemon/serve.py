@@ -182,6 +182,7 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
         cache=PageCache(options.cache_size),
         sizes=sizes,
         invalidate=invalidator.submit,
+        read_only=options.read_only,
     )
     operations = IsoFS(volume, debug=options.debug)
     fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
