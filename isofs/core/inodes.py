@@ -53,6 +53,9 @@ class Inode:
     #: Per nodeid code: the native validators that code's kernel page cache was filled under.
     #: An open keeps the kernel's cached pages only while they still match.
     kernel_seen: dict[int, native.Validators] = field(default_factory=dict)
+    #: A symlink's stored target once a transformed view read it: a symlink's target never
+    #: changes, and each native readlink could move its atime (which is then put back).
+    link_target: bytes | None = None
 
     @property
     def is_dir(self) -> bool:

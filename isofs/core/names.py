@@ -13,14 +13,17 @@ import contextlib
 import errno
 import logging
 import os
+from collections.abc import Iterator
 
+from isofs.core.native import open_keeping_atime, set_times
 from isofs.provider import CorruptData, NameTransform
 
 log = logging.getLogger(__name__)
 
 
 def _read_small(dir_fd: int, name: str) -> bytes:
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    """A key file or sidecar: the daemon's own read, so the file's atime stays as it was."""
+    fd = open_keeping_atime(dir_fd, name, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         return os.read(fd, 4096)
     finally:
@@ -44,6 +47,16 @@ def _write_new(dir_fd: int, name: str, data: bytes) -> None:
             os.unlink(name, dir_fd=dir_fd)
         raise
     os.close(fd)
+
+
+def _open_directory(parent_fd: int, name: str) -> int | None:
+    """A descriptor to list directory `name`; None when there is none (or it is no directory)."""
+    try:
+        return open_keeping_atime(parent_fd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
 
 
 def _exists(dir_fd: int, name: str) -> bool:
@@ -222,22 +235,51 @@ class ViewNames:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(sidecar_name, dir_fd=dir_fd)
 
-    def rmdir(self, parent_fd: int, native: str) -> None:
-        """Remove a directory whose only entries may be bookkeeping files."""
-        fd = os.open(native, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent_fd)
+    @contextlib.contextmanager
+    def emptied(self, parent_fd: int, native_name: str) -> Iterator[None]:
+        """Make directory `native_name` natively empty for an operation that needs it so
+        (rmdir, a rename over it) when the view shows it empty.
+
+        ENOTEMPTY when it holds any entry a view shows (a long name's stub included);
+        otherwise its bookkeeping files (orphan sidecars, then the key file) are removed
+        first and put back, contents and the directory's times, if the operation fails. A
+        crash between the steps leaves an empty directory without a key file, which every
+        view shows empty and which gets a new key with the first name created in it; a name
+        a native process put there meanwhile is shown as itself (no key: nothing to decrypt).
+        Anything that is not a directory is left to the operation to refuse.
+        """
+        fd = _open_directory(parent_fd, native_name)
+        if fd is None:
+            yield
+            return
         try:
-            names = os.listdir(fd)
-            if any(not self.transform.is_bookkeeping(n) for n in names):
-                raise OSError(errno.ENOTEMPTY, native)
-            saved = {n: _read_small(fd, n) for n in names}
-            for n in names:
+            entries = os.listdir(fd)
+            if any(not self.transform.is_bookkeeping(n) for n in entries):
+                raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), native_name)
+            key_name = self.transform.dir_key_name
+            entries.sort(key=lambda n: n == key_name)  # the key file goes last
+            saved = {n: _read_small(fd, n) for n in entries}
+            times = os.fstat(fd)
+            for n in entries:
                 os.unlink(n, dir_fd=fd)
             try:
-                os.rmdir(native, dir_fd=parent_fd)
-            except OSError:
-                for n, data in saved.items():  # put the directory back as it was
-                    with contextlib.suppress(FileExistsError):
-                        _write_new(fd, n, data)
+                yield
+            except BaseException:
+                self._put_back(fd, native_name, saved, times)
                 raise
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _put_back(
+        fd: int, native_name: str, saved: dict[str, bytes], times: os.stat_result
+    ) -> None:
+        """Restore what `emptied` removed; a failure here leaves the crash state (no key)."""
+        try:
+            for n in reversed(saved):  # the key file first
+                with contextlib.suppress(FileExistsError):
+                    _write_new(fd, n, saved[n])
+            with contextlib.suppress(PermissionError):
+                set_times(fd, times.st_atime_ns, times.st_mtime_ns)
+        except OSError as exc:
+            log.error("%s: cannot put its key file back: %s", native_name, exc)

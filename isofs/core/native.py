@@ -10,8 +10,10 @@ libc with ctypes. Everything here is blocking and knows nothing of FUSE or views
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import stat
 from typing import NamedTuple
@@ -73,8 +75,66 @@ def reopen(path_fd: int, flags: int) -> int:
     return os.open(proc_path(path_fd), (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC)
 
 
+# The daemon's own reads (format probe, header, size, key files, listings of a transformed
+# view) must not change a native atime: under relatime the first read after a `touch -a -d`
+# or a `tar -x` would replace the atime a process just set. O_NOATIME is refused (EPERM) to
+# a daemon that neither owns the file nor has CAP_FOWNER; it then opens plainly and the read
+# may move the atime, as any other reader's would. Putting the time back is no way out
+# there: setting times explicitly needs that same ownership.
+
+
+def _refused_noatime(exc: OSError) -> bool:
+    return exc.errno == errno.EPERM
+
+
+def reopen_keeping_atime(path_fd: int, flags: int) -> int:
+    """`reopen` for the daemon's own I/O: reads through it leave the atime alone."""
+    try:
+        return reopen(path_fd, flags | os.O_NOATIME)
+    except OSError as exc:
+        if not _refused_noatime(exc):
+            raise
+        return reopen(path_fd, flags)
+
+
+def open_keeping_atime(dir_fd: int, name: str, flags: int) -> int:
+    """os.open of `name` in `dir_fd` for the daemon's own reads (atime left alone)."""
+    try:
+        return os.open(name, flags | os.O_NOATIME | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        if not _refused_noatime(exc):
+            raise
+        return os.open(name, flags | os.O_CLOEXEC, dir_fd=dir_fd)
+
+
+def keep_atime(fd: int) -> None:
+    """Give a descriptor opened elsewhere O_NOATIME, where allowed (like the opens above)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NOATIME)
+    except OSError as exc:
+        if not _refused_noatime(exc):
+            raise
+
+
 def readlink(path_fd: int) -> bytes:
+    """The stored target, as a process's own readlink: it may update the link's atime."""
     return os.readlink(b"", dir_fd=path_fd)
+
+
+def readlink_keeping_atime(path_fd: int, *, put_back: bool = True) -> bytes:
+    """The stored target for the daemon's own use, with the link's atime as it was.
+
+    readlink has no O_NOATIME: when it moved the atime, the old one is put back, which sets
+    the link's ctime (utimensat does). Callers read a link once and remember the target
+    (a symlink's target never changes), so this happens at most once per link and daemon.
+    Without `put_back` (a mount that must write nothing) the atime moves as any reader's.
+    """
+    before = fstat(path_fd).st_atime_ns
+    target = readlink(path_fd)
+    if put_back and fstat(path_fd).st_atime_ns != before:
+        with contextlib.suppress(PermissionError):  # not ours to set: as any reader's
+            set_times(path_fd, before, None)
+    return target
 
 
 def chmod(path_fd: int, mode: int) -> None:
@@ -147,9 +207,14 @@ def link(path_fd: int, new_dir_fd: int, new_name: str) -> None:
     os.link(proc_path(path_fd), new_name, dst_dir_fd=new_dir_fd, follow_symlinks=True)
 
 
-def list_names(path_fd: int) -> list[str]:
-    """Names in a directory (without . and ..), read through a fresh descriptor."""
-    fd = reopen(path_fd, os.O_RDONLY | os.O_DIRECTORY)
+def list_names(path_fd: int, *, keep_atime: bool = False) -> list[str]:
+    """Names in a directory (without . and ..), read through a fresh descriptor.
+
+    A listing updates the directory's atime like a process's getdents, unless `keep_atime`
+    (the daemon listing for its own reasons or for a transformed view).
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY
+    fd = reopen_keeping_atime(path_fd, flags) if keep_atime else reopen(path_fd, flags)
     try:
         return os.listdir(fd)
     finally:

@@ -127,7 +127,7 @@ class Sizer:
         return Measured(key, validators, value)
 
     def _measure_path_fd(self, path_fd: int) -> Measured:
-        fd = native.reopen(path_fd, os.O_RDONLY)
+        fd = native.reopen_keeping_atime(path_fd, os.O_RDONLY)
         try:
             return self._measure_fd(fd)
         finally:
@@ -137,7 +137,7 @@ class Sizer:
         found = []
         for name in names:
             try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                fd = native.open_keeping_atime(dir_fd, name, os.O_RDONLY | os.O_NOFOLLOW)
             except OSError:
                 continue  # gone or unreadable: the listing's own lookup will say
             try:

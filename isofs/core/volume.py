@@ -15,6 +15,7 @@ import os
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
@@ -138,8 +139,11 @@ class Volume:
         sizes: SizeCache | None = None,
         invalidate: Callable[[int], None] | None = None,
         measure_inline: bool = True,
+        read_only: bool = False,
     ) -> None:
         self.inodes = InodeTable(root_fd)
+        #: A read-only mount writes nothing to the source, not even a time put back.
+        self.read_only = read_only
         self.stack = stack or Stack([])
         self.policy = policy or Policy()
         self.resolver = resolver
@@ -350,6 +354,9 @@ class Volume:
         if size is not None:
             await self._truncate(inode, view, size)
         if atime_ns is not None or mtime_ns is not None:
+            # Pending pages written back later would move the mtime just set (`cp -p` writes,
+            # sets the times, then closes): they go to the native file first.
+            await self._before_native_change(inode)
             native.set_times(inode.path_fd, atime_ns, mtime_ns)
         return self.getattr(nodeid, caller_view)
 
@@ -371,8 +378,17 @@ class Volume:
         return self._link_target(inode, self._checked_view(code, caller_view))
 
     def _link_target(self, inode: Inode, view: str) -> bytes:
-        stored = native.readlink(inode.path_fd)
+        """The target a view shows. The native view's readlink is the caller's own (it may
+        update the atime, as natively); a transformed view reads the link once, keeping its
+        atime, and remembers the target (a symlink's target never changes)."""
+        if not self.transforms(view):
+            return native.readlink(inode.path_fd)
+        if inode.link_target is None:
+            inode.link_target = native.readlink_keeping_atime(
+                inode.path_fd, put_back=not self.read_only
+            )
         names = self._names_for(view)
+        stored = inode.link_target
         return stored if names is None else names.link_to_view(stored)
 
     def _give_to_caller(
@@ -477,10 +493,10 @@ class Volume:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         native_name = self._existing(parent, name, caller.view)
         names = self._names_for(caller.view)
-        if names is None:
+        # Natively the directory still holds its key file: it is emptied first.
+        emptied = nullcontext() if names is None else names.emptied(parent.path_fd, native_name)
+        with emptied:
             os.rmdir(native_name, dir_fd=parent.path_fd)
-        else:
-            names.rmdir(parent.path_fd, native_name)
         self._gone(parent, native_name, caller.view)
 
     def rename(
@@ -499,9 +515,26 @@ class Volume:
             new_native = self._existing(new_parent, new_name, caller.view)
         else:
             new_native = self._new(new_parent, new_name, caller.view)
-        native.rename(old_parent.path_fd, old_native, new_parent.path_fd, new_native, flags)
+        names = self._names_for(caller.view)
+        try:
+            replacing: AbstractContextManager[None] = nullcontext()
+            if names is not None and not flags and self._is_directory(old_parent, old_native):
+                # A directory replaces an empty one, which natively still holds its key file.
+                replacing = names.emptied(new_parent.path_fd, new_native)
+            with replacing:
+                native.rename(
+                    old_parent.path_fd, old_native, new_parent.path_fd, new_native, flags
+                )
+        except OSError:
+            if not flags & native.RENAME_EXCHANGE:  # a sidecar written for nothing
+                self._gone(new_parent, new_native, caller.view)
+            raise
         if not flags & native.RENAME_EXCHANGE:
             self._gone(old_parent, old_native, caller.view)
+
+    @staticmethod
+    def _is_directory(parent: Inode, name: str) -> bool:
+        return stat.S_ISDIR(native.stat_at(parent.path_fd, name).st_mode)
 
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(native.proc_path(self.inodes.root.path_fd))
@@ -640,7 +673,10 @@ class Volume:
         """(view name, native name) of every entry a view shows in a directory."""
         listing = []
         names = self._names_for(view)
-        for native_name in native.list_names(directory.path_fd):
+        # A transformed view lists for itself (names are read, then mapped): like every read
+        # through it, that leaves the native atime alone (docs/ARCHITECTURE.md section 2).
+        keep_atime = self.transforms(view)
+        for native_name in native.list_names(directory.path_fd, keep_atime=keep_atime):
             if self._hidden(directory, native_name, view):
                 continue
             if names is None:
@@ -768,11 +804,11 @@ class Volume:
         """Read-write when allowed; read-only for a file we may not write or a source on a
         read-only filesystem (the kernel then refuses the writes themselves)."""
         try:
-            return native.reopen(inode.path_fd, os.O_RDWR)
+            return native.reopen_keeping_atime(inode.path_fd, os.O_RDWR)
         except OSError as exc:
             if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
-            return native.reopen(inode.path_fd, os.O_RDONLY)
+            return native.reopen_keeping_atime(inode.path_fd, os.O_RDONLY)
 
     def _drop_section(self, key: tuple[int, str]) -> None:
         section = self.sections.pop(key, None)
@@ -863,6 +899,7 @@ class Volume:
         inode = entry.inode
         section = None
         if transformed:
+            native.keep_atime(fd)  # the section's descriptor: its reads are the daemon's
             section = await self._open_section(inode, caller.view, flags | os.O_RDWR, fd)
             fd = -1
             entry = self._entry(inode, native.fstat(inode.path_fd), caller.view)

@@ -188,6 +188,7 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
         sizes=sizes,
         invalidate=invalidator.submit,
         measure_inline=False,  # sizes that need a file read are read in worker threads
+        read_only=options.read_only,
     )
     operations = IsoFS(volume, debug=options.debug)
     fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
