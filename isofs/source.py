@@ -66,11 +66,22 @@ def init_source(source: str, providers: list[str], request: SetupRequest) -> Non
     if (meta_dir / CONFIG_NAME).exists():
         raise ProviderError(f"{source} is already initialised ({META_DIR_NAME}/{CONFIG_NAME})")
     classes = [load_provider(name) for name in providers]  # unknown names fail before changes
+    request = _report_from_options(request)
     meta_dir.mkdir(mode=0o700, exist_ok=True)
     stack = []
     for name, provider in zip(providers, classes, strict=True):
         stack.append({"provider": name, "config": provider.initialise(meta_dir, request)})
     _write_config(meta_dir, {"version": CONFIG_VERSION, "stack": stack})
+
+
+def _report_from_options(request: SetupRequest) -> SetupRequest:
+    """Turn the `_report` dict an older command line puts among the options into
+    `SetupRequest.report`, so providers only ever see `report` (drop once no caller does)."""
+    legacy = request.options.get("_report")
+    if not isinstance(legacy, dict):
+        return request
+    options = {k: v for k, v in request.options.items() if k != "_report"}
+    return SetupRequest(options=options, secrets=request.secrets, report=legacy)
 
 
 def load_stack(meta_dir: Path, request: SetupRequest) -> Stack:
