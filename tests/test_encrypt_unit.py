@@ -21,20 +21,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from isofs.provider import CorruptData, ProviderError, SetupRequest
+from isofs.cli.passphrases import KeyFileSecrets
 from isofs_providers.encrypt import (
     DIRIV_NAME,
     EncryptLayer,
     EncryptProvider,
-    KeyFileSecrets,
     LinkCodec,
     NameCodec,
     XattrCodec,
     format_master_key,
-    is_reserved_name,
     new_dir_id,
     parse_dir_id,
     parse_master_key,
 )
+from isofs_providers.encrypt.content import last_valid_size_of, logical_size_of
 
 BS = 4096
 NB = BS + 28
@@ -446,11 +446,19 @@ def test_wrong_key_fails() -> None:
 # --- key handling ------------------------------------------------------------------------------
 
 
-def init(tmp_path: Path, passphrase: bytes = b"correct horse", **options: object):
+def init(
+    tmp_path: Path,
+    passphrase: bytes = b"correct horse",
+    master: str | None = None,
+    **options: object,
+):
+    """Initialise with cheap scrypt; `master` is a recovery key to re-use (via the secrets)."""
     report: dict[str, str] = {}
     config = EncryptProvider.initialise(
         tmp_path,
-        SetupRequest(options={**CHEAP, **options, "_report": report}, secrets=Secrets(passphrase)),
+        SetupRequest(
+            options={**CHEAP, **options}, secrets=Secrets(passphrase, master=master), report=report
+        ),
     )
     return config, report
 
@@ -527,7 +535,7 @@ def test_recovery_with_master_key(tmp_path: Path) -> None:
 
 
 def test_init_with_given_master_key(tmp_path: Path) -> None:
-    config, report = init(tmp_path, masterkey=format_master_key(MASTER))
+    config, report = init(tmp_path, master=format_master_key(MASTER))
     assert parse_master_key(report["master_key"]) == bytearray(MASTER)
     layer = EncryptProvider.load(tmp_path, config, SetupRequest(secrets=Secrets(b"correct horse")))
     round_trip_through(EncryptLayer(MASTER), layer)
@@ -556,7 +564,7 @@ def test_change_passphrase(tmp_path: Path) -> None:
 
 
 def test_key_store_holds_no_raw_master_key(tmp_path: Path) -> None:
-    _config, report = init(tmp_path, masterkey=format_master_key(MASTER))
+    _config, report = init(tmp_path, master=format_master_key(MASTER))
     raw = (tmp_path / "encrypt.json").read_bytes()
     store = json.loads(raw)
     assert store["version"] == 1
@@ -607,6 +615,13 @@ def codec() -> NameCodec:
     return NameCodec.from_master_key(MASTER)
 
 
+def is_bookkeeping(native_name: str) -> bool:
+    """Whether the layer's name transform hides `native_name` from decrypted views."""
+    transform = EncryptLayer(MASTER, encrypt_names=True).name_transform
+    assert transform is not None
+    return transform.is_bookkeeping(native_name)
+
+
 def test_name_round_trip_and_determinism(codec: NameCodec) -> None:
     d1, d2 = new_dir_id(), new_dir_id()
     for name in ["a", "hello.txt", "ünïcødé ✓", "with space", "x" * 100, "\udcff-bytes"]:
@@ -615,7 +630,7 @@ def test_name_round_trip_and_determinism(codec: NameCodec) -> None:
         assert codec.encrypt_name(d1, name) == stored  # deterministic within a directory
         assert codec.encrypt_name(d2, name) != stored  # differs across directories
         assert not stored.startswith(".") and "=" not in stored and "/" not in stored
-        assert not is_reserved_name(stored)
+        assert not is_bookkeeping(stored)
     with pytest.raises(CorruptData):
         codec.decrypt_name(d2, codec.encrypt_name(d1, "moved"))  # moved to another directory
 
@@ -654,7 +669,8 @@ def test_long_names(codec: NameCodec) -> None:
     assert NameCodec.is_long_name_stub(stub)
     assert NameCodec.sidecar_name(stub) == stub + ".name"
     assert not NameCodec.is_long_name_stub(NameCodec.sidecar_name(stub))
-    assert is_reserved_name(stub) and is_reserved_name(NameCodec.sidecar_name(stub))
+    # the sidecar is hidden; the stub is the file itself, shown under its full name
+    assert is_bookkeeping(NameCodec.sidecar_name(stub)) and not is_bookkeeping(stub)
     assert codec.decrypt_name(dir_id, NameCodec.from_long_name(stub, sidecar)) == name
     other = codec.encrypt_name(dir_id, "y" * 255)
     with pytest.raises(CorruptData, match="does not match"):
@@ -663,7 +679,7 @@ def test_long_names(codec: NameCodec) -> None:
 
 
 def test_dir_ids() -> None:
-    assert is_reserved_name(DIRIV_NAME)
+    assert is_bookkeeping(DIRIV_NAME)
     dir_id = new_dir_id()
     assert parse_dir_id(dir_id) == dir_id and len(dir_id) == 16
     with pytest.raises(CorruptData):
@@ -757,3 +773,115 @@ def test_xattr_values_are_sealed_to_their_name() -> None:
     for bad_name, bad_value in ((other, stored), (name, tampered), (name, stored[:20])):
         with pytest.raises(CorruptData):
             xattrs.open_value(bad_name, bad_value)
+
+
+# --- what the provider declares: options, passwd, fsck ---------------------------------------
+
+
+def test_declared_options() -> None:
+    declared = {o.name: o for o in EncryptProvider.options}
+    assert list(declared) == ["encrypt_names", "allow_holes", "scrypt_n", "scrypt_r", "scrypt_p"]
+    assert declared["encrypt_names"].help == (
+        "encrypt file names, symlink targets and user. xattrs (AES-SIV)"
+    )
+    for name, default in (("encrypt_names", False), ("allow_holes", True)):
+        assert (declared[name].kind, declared[name].default) == ("bool", default)
+        assert declared[name].scopes == {"init"}
+    ranges = {"scrypt_n": (2**14, 2**22, 2**17), "scrypt_r": (1, 32, 8), "scrypt_p": (1, 16, 1)}
+    for name, (low, high, default) in ranges.items():
+        option = declared[name]
+        assert (option.kind, option.scopes) == ("int", {"init", "passwd"})
+        assert (option.minimum, option.maximum, option.default) == (low, high, default)
+
+
+def test_options_are_typed_and_checked_at_init(tmp_path: Path) -> None:
+    config, _ = init(tmp_path / "a", encrypt_names="yes", allow_holes="off", scrypt_r="4")
+    assert config == {"version": 1, "encrypt_names": True, "allow_holes": False}
+    store = json.loads((tmp_path / "a" / "encrypt.json").read_text())
+    assert (store["kdf"]["n"], store["kdf"]["r"], store["kdf"]["p"]) == (2**14, 4, 1)
+    for bad, match in (
+        ({"scrypt_n": 2**14 + 1}, "scrypt_n: 16385 is not a power of two"),
+        ({"scrypt_n": 2**23}, "scrypt_n: 8388608 is above the maximum"),
+        ({"scrypt_p": 0}, "scrypt_p: 0 is below the minimum 1"),
+        ({"scrypt_r": "many"}, "scrypt_r: not an integer"),
+        ({"encrypt_names": "perhaps"}, "encrypt_names: not a boolean"),
+    ):
+        with pytest.raises(ProviderError, match=match):
+            init(tmp_path / "bad", **bad)
+        assert not (tmp_path / "bad" / "encrypt.json").exists()
+
+
+def test_recovery_key_at_init_comes_from_the_secrets_even_with_a_key_file(tmp_path: Path) -> None:
+    keyfile = tmp_path / "key.bin"
+    keyfile.write_bytes(b"key file bytes")
+    meta = tmp_path / "meta"
+    config, report = init(meta, b"unused", master=format_master_key(MASTER), keyfile=str(keyfile))
+    assert parse_master_key(report["master_key"]) == bytearray(MASTER)
+    layer = EncryptProvider.load(meta, config, SetupRequest(options={"keyfile": str(keyfile)}))
+    round_trip_through(EncryptLayer(MASTER), layer)
+
+
+def test_change_passphrase_keeps_or_replaces_the_scrypt_costs(tmp_path: Path) -> None:
+    config, _ = init(tmp_path, scrypt_r=4)
+    assert EncryptProvider.change_passphrase(tmp_path, Secrets(b"correct horse"), Secrets(b"b"))
+    kdf = json.loads((tmp_path / "encrypt.json").read_text())["kdf"]
+    assert (kdf["n"], kdf["r"], kdf["p"]) == (2**14, 4, 1)  # none given: the stored ones
+    assert EncryptProvider.change_passphrase(
+        tmp_path, Secrets(b"b"), Secrets(b"c"), options={"scrypt_n": "32768", "scrypt_p": 2}
+    )
+    kdf = json.loads((tmp_path / "encrypt.json").read_text())["kdf"]
+    assert (kdf["n"], kdf["r"], kdf["p"]) == (2**15, 4, 2)
+    EncryptProvider.load(tmp_path, config, SetupRequest(secrets=Secrets(b"c")))
+    before = (tmp_path / "encrypt.json").read_bytes()
+    for bad, match in (
+        ({"scrypt_n": 3 * 2**14}, "not a power of two"),
+        ({"encrypt_names": True}, "encrypt_names can only be given at init"),
+    ):
+        with pytest.raises(ProviderError, match=match):
+            EncryptProvider.change_passphrase(tmp_path, Secrets(b"c"), Secrets(b"d"), options=bad)
+    assert (tmp_path / "encrypt.json").read_bytes() == before
+
+
+def old_last_valid_size(native_size: int) -> int:
+    """The definition maintenance used to probe byte by byte: the largest size <= native_size
+    whose logical size is defined."""
+    return next(n for n in range(native_size, HDR - 1, -1) if logical_size_of(n) is not None)
+
+
+class SizedFile(MemFile):
+    """A lower file that only has a size (last_valid_size must not need its bytes)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self._size = size
+
+    def size(self) -> int:
+        return self._size
+
+
+def test_last_valid_size_matches_the_probing_definition() -> None:
+    layer = EncryptLayer(MASTER)
+    sizes = [*range(HDR, HDR + 3 * NB + 64), *range(2**40 - 2 * NB, 2**40 + NB)]
+    for size in sizes:
+        lower = SizedFile(size)
+        assert layer.last_valid_size(lower) == old_last_valid_size(size), size
+        assert lower.reads == []
+        assert logical_size_of(last_valid_size_of(size)) is not None
+    for size in range(HDR):  # nothing is valid below the header: left for open() to report
+        assert last_valid_size_of(size) == size
+
+
+def test_generic_fsck_cuts_a_torn_tail_and_zeroes_bad_blocks() -> None:
+    layer, lower, _upper, data = five_blocks()
+    lower.data[HDR + NB + 100] ^= 1  # block 1 fails its tag
+    lower.truncate(HDR + 4 * NB + 7)  # a torn tail of 7 bytes past block 3
+    damage = layer.verify(lower, lambda _done: None)
+    assert [(d.kind, d.lower_size, d.blocks) for d in damage] == [
+        ("truncated tail", HDR + 4 * NB, []),
+        ("bad blocks", None, [1]),
+    ]
+    layer.repair(lower, damage)
+    assert lower.size() == HDR + 4 * NB
+    repaired = layer.open(lower)
+    assert repaired.read(0, 5 * BS) == data[:BS] + bytes(BS) + data[2 * BS : 4 * BS]
+    assert layer.verify(lower, lambda _done: None) == []

@@ -44,8 +44,9 @@ def make_source(tmp_path: Path, passphrase: str = "correct horse", **options: ob
         str(src),
         ["encrypt"],
         SetupRequest(
-            options={**CHEAP, "_report": {}, **options},
+            options={**CHEAP, **options},
             secrets=InteractiveSecrets(passfile=str(passfile)),
+            report={},
         ),
     )
     return src
@@ -191,8 +192,9 @@ def test_passwd_with_master_key_and_key_file(tmp_path: Path) -> None:
         str(src),
         ["encrypt"],
         SetupRequest(
-            options={**CHEAP, "_report": report},
+            options=CHEAP,
             secrets=InteractiveSecrets(passfile=str(write_pass(tmp_path / "p", "first"))),
+            report=report,
         ),
     )
     keyfile = tmp_path / "key.bin"

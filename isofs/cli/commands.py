@@ -459,8 +459,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     request = SetupRequest(options=shared, secrets=_secrets(args))
     init_source(args.source, args.provider, request, own)
     print(f"initialised {args.source} with provider stack: {' -> '.join(args.provider)}")
-    for message in request.report.values():  # shown once, never stored (a recovery key)
-        print(message)
+    for label, value in request.report.items():  # shown once, never stored (a recovery key)
+        print(
+            f"Your {label.replace('_', ' ')} is printed once, here, and stored nowhere. Keep it"
+            f" offline (see `isofs mount --help` for its use):\n\n    {value}\n"
+        )
     return 0
 
 

@@ -4,6 +4,8 @@ Registered under the entry-point group `isofs.providers` as `xorpad`; see README
 """
 
 from isofs_xorpad.xorpad import (
+    CHECKED_MAGIC,
+    HEADER_CHECKSUM_MISMATCH,
     HEADER_SIZE,
     MAGIC,
     XorPadFile,
@@ -14,6 +16,8 @@ from isofs_xorpad.xorpad import (
 )
 
 __all__ = [
+    "CHECKED_MAGIC",
+    "HEADER_CHECKSUM_MISMATCH",
     "HEADER_SIZE",
     "MAGIC",
     "XorPadFile",

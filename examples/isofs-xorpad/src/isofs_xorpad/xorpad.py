@@ -17,11 +17,24 @@ so the logical size is the native size minus 16. A native file shorter than 16 b
 that does not start with the magic, is not formatted: the core passes it through unchanged.
 Because 131 is odd, `i * 131 mod 256` runs through every byte value once per 256 bytes: the
 keystream has period 256 and only the low 8 bits of the seed change it.
+
+With the init option `checksum`, new files get a checked header of the same size instead::
+
+    offset 0   4 bytes   magic b"XPC1"
+    offset 4   8 bytes   seed, unsigned 64-bit big-endian
+    offset 12  4 bytes   CRC-32 (zlib.crc32) of bytes 0..11, unsigned 32-bit big-endian
+
+A checked file whose CRC does not match is refused (EIO) unless the mount option
+`ignore_checksums` is given, and `isofs fsck` reports it as "header checksum mismatch". The
+128-bit header has a Hamming distance of at least 6 under CRC-32, so one flipped bit in the
+seed or the CRC is located without ambiguity: `isofs fsck --repair` flips it back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import struct
+import zlib
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -29,16 +42,31 @@ from typing import Any
 
 from isofs.provider import (
     CorruptData,
+    Damage,
     Layer,
+    Option,
+    Progress,
     Provider,
     ProviderError,
     RandomAccessFile,
+    SecretSource,
     SetupRequest,
+)
+from isofs_xorpad.seedstore import (
+    read_seedstore,
+    seedstore_path,
+    unwrap_seed,
+    wrap_seed,
+    write_seedstore,
 )
 
 MAGIC = b"XORPAD01"
 _HEADER = struct.Struct(">8sQ")  # magic, seed
 HEADER_SIZE = _HEADER.size  # 16
+CHECKED_MAGIC = b"XPC1"
+_CHECKED_HEADER = struct.Struct(">4sQI")  # magic, seed, CRC-32 of magic and seed
+#: The damage `XorPadLayer.verify` reports for a checked header whose CRC does not match.
+HEADER_CHECKSUM_MISMATCH = "header checksum mismatch"
 PERIOD = 256
 MAX_SEED = 2**64 - 1
 CONFIG_VERSION = 1
@@ -158,15 +186,57 @@ class XorPadFile:
             self._lower.write(HEADER_SIZE + chunk_start, fill)
 
 
-# --- the layer and the provider -----------------------------------------------------------------
+# --- headers -----------------------------------------------------------------------------------
+
+
+def _crc(magic_and_seed: bytes) -> int:
+    return zlib.crc32(magic_and_seed) & 0xFFFFFFFF
+
+
+def pack_header(seed: int, *, checksum: bool = False) -> bytes:
+    """The 16-byte header of a new file: plain, or checked (with a CRC-32)."""
+    if not checksum:
+        return _HEADER.pack(MAGIC, seed)
+    body = CHECKED_MAGIC + seed.to_bytes(8, "big")
+    return body + _crc(body).to_bytes(4, "big")
 
 
 def parse_header(head: bytes | bytearray | memoryview) -> int | None:
-    """The seed recorded in a header, or None when `head` is not an xorpad header."""
+    """The seed recorded in a header, or None when `head` is not an xorpad header.
+
+    A checked header is recognised by its magic alone, whatever its CRC: a damaged header
+    must be reported, not make the file pass through as if it were plain.
+    """
     if len(head) < HEADER_SIZE:
         return None
-    magic, seed = _HEADER.unpack(bytes(head[:HEADER_SIZE]))
-    return seed if magic == MAGIC else None
+    head = bytes(head[:HEADER_SIZE])
+    magic, seed = _HEADER.unpack(head)
+    if magic == MAGIC:
+        return seed
+    checked_magic, seed, _crc32 = _CHECKED_HEADER.unpack(head)
+    return seed if checked_magic == CHECKED_MAGIC else None
+
+
+def header_checksum_ok(head: bytes) -> bool:
+    """False only for a checked header whose CRC does not match (plain headers have none)."""
+    if head[: len(CHECKED_MAGIC)] != CHECKED_MAGIC:
+        return True
+    _magic, _seed, stored = _CHECKED_HEADER.unpack(head[:HEADER_SIZE])
+    return _crc(head[:12]) == stored
+
+
+def corrected_header(head: bytes) -> bytes | None:
+    """The checked header that differs from `head` in exactly one bit of the seed or CRC and
+    matches its CRC, or None when no single flip does (more damage than that)."""
+    for bit in range(len(CHECKED_MAGIC) * 8, HEADER_SIZE * 8):
+        candidate = bytearray(head[:HEADER_SIZE])
+        candidate[bit // 8] ^= 0x80 >> (bit % 8)
+        if header_checksum_ok(bytes(candidate)):
+            return bytes(candidate)
+    return None
+
+
+# --- the layer and the provider -----------------------------------------------------------------
 
 
 class XorPadLayer(Layer):
@@ -174,31 +244,40 @@ class XorPadLayer(Layer):
 
     Existing files are decoded with the seed in their own header, so a file stays readable
     whatever seed the source was later configured with (per-file parameters belong in the
-    file, per-source parameters in the config).
+    file, per-source parameters in the config). `checksum` gives new files a checked header;
+    `ignore_checksums` opens checked files whose CRC fails instead of refusing them.
     """
 
     block_size = 1  # Byte-granular: any byte can be read or written on its own.
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(
+        self, seed: int = 0, *, checksum: bool = False, ignore_checksums: bool = False
+    ) -> None:
         self.seed = _check_seed(seed)
+        self.checksum = checksum
+        self.ignore_checksums = ignore_checksums
 
     def header_size(self) -> int:
+        """The header's length (this example's own helper: the core never asks for it)."""
         return HEADER_SIZE
 
     def is_formatted(self, lower: RandomAccessFile) -> bool:
         return parse_header(lower.read(0, HEADER_SIZE)) is not None
 
     def open(self, lower: RandomAccessFile) -> XorPadFile:
-        head = lower.read(0, HEADER_SIZE)
+        head = bytes(lower.read(0, HEADER_SIZE))
         seed = parse_header(head)
         if seed is None:
             raise CorruptData(f"xorpad: not an xorpad file ({len(head)}-byte head, bad magic?)")
+        if not self.ignore_checksums and not header_checksum_ok(head):
+            # The seed may be wrong: decoding with it would return garbage, silently.
+            raise CorruptData(f"xorpad: {HEADER_CHECKSUM_MISMATCH} (isofs fsck --repair)")
         return XorPadFile(lower, seed)
 
     def create(self, lower: RandomAccessFile) -> XorPadFile:
         if lower.size() != 0:
             raise ValueError("xorpad: create() needs an empty lower file")
-        lower.write(0, _HEADER.pack(MAGIC, self.seed))
+        lower.write(0, pack_header(self.seed, checksum=self.checksum))
         return XorPadFile(lower, self.seed)
 
     def logical_size(self, lower_size: int) -> int | None:
@@ -207,19 +286,109 @@ class XorPadLayer(Layer):
             return None
         return lower_size - HEADER_SIZE
 
+    # -- fsck: what the generic check cannot know ------------------------------------------
+
+    def verify(self, lower: RandomAccessFile, progress: Progress) -> list[Damage]:
+        """A checked header's CRC; then the generic check (every byte must read)."""
+        head = bytes(lower.read(0, HEADER_SIZE))
+        if header_checksum_ok(head):
+            return super().verify(lower, progress)
+        fixable = corrected_header(head) is not None
+        progress(lower.size())
+        how = "one flipped bit, repairable" if fixable else "more than one bit damaged"
+        return [Damage(HEADER_CHECKSUM_MISMATCH, how, repairable=fixable)]
+
+    def repair(self, lower: RandomAccessFile, damage: list[Damage]) -> None:
+        """Flip a checked header's one damaged bit back; other damage the generic way."""
+        if any(found.kind == HEADER_CHECKSUM_MISMATCH for found in damage):
+            fixed = corrected_header(bytes(lower.read(0, HEADER_SIZE)))
+            if fixed is None:
+                raise CorruptData(f"xorpad: {HEADER_CHECKSUM_MISMATCH} is not repairable")
+            lower.write(0, fixed)
+            lower.flush()
+        rest = [found for found in damage if found.kind != HEADER_CHECKSUM_MISMATCH]
+        if rest:
+            super().repair(lower, rest)
+
+
+def _seed_from_text(value: Any) -> Any:
+    """Command-line text may give the seed in any base Python reads ("42", "0x2a")."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return int(value, 0)
+    return value
+
+
+SEED_OPTION = Option(
+    "seed",
+    "keystream seed of new files (only its low 8 bits change the keystream)",
+    kind="int",
+    default=0,
+    minimum=0,
+    maximum=MAX_SEED,
+    metavar="N",
+)
+
+
+def _check_seed(value: Any) -> int:
+    """A seed from an int or from command-line text; ProviderError naming the option."""
+    return SEED_OPTION.parse(_seed_from_text(value), "xorpad")
+
 
 class XorPadProvider(Provider):
-    """The `xorpad` provider. Option for `initialise`: seed (integer 0 .. 2**64-1, default 0).
+    """Position-dependent XOR with a 16-byte header: an example plugin, NOT security.
 
-    It keeps no files in the source's metadata directory: its whole state is the config.
+    Its whole state is the config `{"version": 1, "seed": N}` (plus `"checksum": true` when
+    new files get checked headers), unless `wrap_seed` keeps the seed in `xorpad.json`
+    wrapped under a passphrase instead, which `isofs passwd` re-wraps.
     """
 
     name = "xorpad"
+    options = (
+        SEED_OPTION,
+        Option(
+            "checksum",
+            "give new files a header with a CRC-32 that fsck checks and repairs",
+            kind="bool",
+            default=False,
+        ),
+        Option(
+            "wrap_seed",
+            "keep the seed wrapped under a passphrase, changed by isofs passwd (a toy: every "
+            "file's header still holds its seed in clear)",
+            kind="bool",
+            default=False,
+        ),
+        Option(
+            "ignore_checksums",
+            "read files whose header checksum fails instead of refusing them (EIO), to rescue "
+            "their data",
+            kind="bool",
+            default=False,
+            scopes=frozenset({"mount"}),
+        ),
+    )
 
     @classmethod
     def initialise(cls, meta_dir: Path, request: SetupRequest) -> dict[str, Any]:
-        seed = _check_seed(request.options.get("seed", 0))
-        return {"version": CONFIG_VERSION, "seed": seed}
+        given = dict(request.options)
+        if "seed" in given:
+            given["seed"] = _seed_from_text(given["seed"])
+        options = cls.parse_options(given, "init")
+        seed = options.get("seed", SEED_OPTION.default)
+        config: dict[str, Any] = {"version": CONFIG_VERSION}
+        if options.get("wrap_seed"):
+            if seedstore_path(meta_dir).exists():
+                raise ProviderError(f"xorpad: {seedstore_path(meta_dir).name} already exists")
+            passphrase = _passphrase(request.secret_source, "New passphrase: ", confirm=True)
+            Path(meta_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_seedstore(meta_dir, wrap_seed(seed, passphrase))
+            config["wrap_seed"] = True
+        else:
+            config["seed"] = seed
+        if options.get("checksum"):
+            config["checksum"] = True
+        return config
 
     @classmethod
     def load(cls, meta_dir: Path, config: Mapping[str, Any], request: SetupRequest) -> XorPadLayer:
@@ -229,17 +398,42 @@ class XorPadProvider(Provider):
                 f"xorpad: unsupported config version {version!r} "
                 f"(this plugin reads version {CONFIG_VERSION})"
             )
-        return XorPadLayer(_check_seed(config.get("seed", 0)))
+        options = cls.parse_options(request.options, "mount")
+        if config.get("wrap_seed"):
+            store = read_seedstore(meta_dir)
+            if store is None:
+                raise ProviderError(f"xorpad: {seedstore_path(meta_dir).name} is missing")
+            seed = unwrap_seed(store, _passphrase(request.secret_source, "Passphrase: "))
+        else:
+            seed = _check_seed(config.get("seed", 0))
+        return XorPadLayer(
+            seed,
+            checksum=bool(config.get("checksum", False)),
+            ignore_checksums=bool(options.get("ignore_checksums", False)),
+        )
+
+    @classmethod
+    def change_passphrase(
+        cls,
+        meta_dir: Path,
+        old: SecretSource,
+        new: SecretSource,
+        *,
+        options: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Re-wrap the seed under a new passphrase; False when it is not wrapped (no
+        passphrase to change). A wrong old passphrase changes nothing."""
+        store = read_seedstore(meta_dir)
+        if store is None:
+            return False
+        seed = unwrap_seed(store, _passphrase(old, "Old passphrase: "))
+        write_seedstore(meta_dir, wrap_seed(seed, _passphrase(new, "New passphrase: ", True)))
+        return True
 
 
-def _check_seed(value: Any) -> int:
-    """A seed from an int or from command-line text ("42", "0x2a")."""
-    if isinstance(value, bool):
-        raise ProviderError("xorpad: option seed must be an integer, not a boolean")
-    try:
-        seed = int(value, 0) if isinstance(value, str) else int(value)
-    except (TypeError, ValueError):
-        raise ProviderError(f"xorpad: option seed must be an integer, got {value!r}") from None
-    if not 0 <= seed <= MAX_SEED:
-        raise ProviderError(f"xorpad: option seed={seed} outside 0..2**64-1")
-    return seed
+def _passphrase(secrets: SecretSource | None, prompt: str, confirm: bool = False) -> bytes:
+    if secrets is None:
+        raise ProviderError(
+            "xorpad: wrap_seed needs a passphrase (--passfile, --extpass or --keyfile)"
+        )
+    return secrets.passphrase(prompt, confirm=confirm)
