@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from isofs.provider import CorruptData, ProviderError, SetupRequest
 from isofs.cli.passphrases import KeyFileSecrets
+from isofs.provider import CorruptData, ProviderError, SetupRequest
 from isofs_providers.encrypt import (
     DIRIV_NAME,
     EncryptLayer,

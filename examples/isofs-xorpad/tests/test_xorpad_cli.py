@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from isofs_xorpad import HEADER_CHECKSUM_MISMATCH, XorPadLayer, XorPadProvider
 
-from isofs.provider import ProviderError, SetupRequest
 from isofs.cli.passphrases import InteractiveSecrets
+from isofs.provider import ProviderError, SetupRequest
 
 
 def isofs(*args: object) -> subprocess.CompletedProcess[str]:
