@@ -76,7 +76,7 @@ def checked_file(path: Path, content: bytes, *flipped_bits: int) -> bytes:
 
 def source(tmp_path: Path) -> Path:
     src = tmp_path / "src"
-    src.mkdir()
+    src.mkdir(parents=True)
     return src
 
 
