@@ -1,0 +1,1 @@
+"""The dedup provider: content-defined chunks in a chunk store, the native file a manifest."""
