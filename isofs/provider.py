@@ -531,12 +531,44 @@ class KeyFileSecrets:
         return None
 
 
+@dataclass
+class CommandRequest:
+    """What a provider's command gets: the source, its loaded stack and this provider's layer,
+    the command's options, and the source's regular files (native paths relative to the
+    source, opened read-write or read-only on demand), so it needs no walk of its own."""
+
+    source: Path
+    meta_dir: Path
+    stack: Stack
+    layer: Layer
+    options: Mapping[str, Any]
+    files: Callable[[], Iterable[tuple[str, Callable[[bool], RandomAccessFile]]]]
+    progress: bool = False
+    mounted: bool = False
+    out: Callable[[str], None] = print
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand a provider adds to `isofs` (`isofs NAME SOURCE [options]`), e.g. the
+    garbage collection of a chunk store. `run` returns the exit status; `offline_only` makes
+    the command refuse a mounted source (unless --force)."""
+
+    name: str
+    help: str
+    run: Callable[[CommandRequest], int]
+    options: tuple[Option, ...] = ()
+    offline_only: bool = False
+
+
 class Provider(abc.ABC):
     """A provider plugin, registered under the entry-point group `isofs.providers`."""
 
     name: ClassVar[str]
     #: The settings this provider takes (see `Option`); the command line is built from them.
     options: ClassVar[tuple[Option, ...]] = ()
+    #: Subcommands this provider adds to `isofs` (see `Command`).
+    commands: ClassVar[tuple[Command, ...]] = ()
 
     @classmethod
     def initialise(cls, meta_dir: Path, request: SetupRequest) -> dict[str, Any]:

@@ -10,11 +10,13 @@ the source otherwise. The daemon's command line is rebuilt from the same parser.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from isofs.cli.passphrases import (
@@ -25,11 +27,13 @@ from isofs.cli.passphrases import (
     send_secrets,
 )
 from isofs.cli.provider_flags import (
+    add_option_flags,
     add_provider_options,
     given_options,
     merge_key_values,
     parsed_options,
 )
+from isofs.core.sections import NativeFile
 from isofs.daemon import runtime
 from isofs.daemon.control import format_status, request_status
 from isofs.daemon.serve import (
@@ -42,6 +46,8 @@ from isofs.daemon.serve import (
     serve,
 )
 from isofs.provider import (
+    Command,
+    CommandRequest,
     Provider,
     ProviderError,
     Scope,
@@ -82,8 +88,15 @@ ProvidersByCommand = dict[str, list[type[Provider]]]
 _PROVIDER_SCOPES: dict[str, Scope] = {"init": "init", "mount": "mount", "passwd": "passwd"}
 
 
+#: Subcommands providers add (`Provider.commands`): name -> (provider, command).
+ProviderCommands = dict[str, tuple[type[Provider], Command]]
+
+
 def build_parser(
-    providers: ProvidersByCommand | None = None, *, lenient: bool = False
+    providers: ProvidersByCommand | None = None,
+    *,
+    lenient: bool = False,
+    provider_commands: ProviderCommands | None = None,
 ) -> argparse.ArgumentParser:
     parser_class = _LenientParser if lenient else _Parser
     providers = providers or {}
@@ -166,6 +179,14 @@ def build_parser(
 
     command("providers", help="list installed providers")
 
+    for name, (provider, extra) in sorted((provider_commands or {}).items()):
+        sub = command(name, help=f"{extra.help} (provider {provider.name})")
+        sub.add_argument("source")
+        sub.add_argument("--force", action="store_true", help="run even if SOURCE is mounted")
+        _add_secret_options(sub)
+        add_option_flags(sub, provider, extra.options)
+        sub.set_defaults(provider_command=(provider, extra))
+
     from isofs import bench
 
     bench.add_arguments(
@@ -236,8 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         providers = _providers_named(argv)
-        args = build_parser(providers).parse_args(argv)
+        extra = _provider_commands() if argv and argv[0] not in _COMMANDS else {}
+        args = build_parser(providers, provider_commands=extra).parse_args(argv)
         args.providers = providers.get(args.command, [])
+        if args.command not in _COMMANDS:
+            return cmd_provider_command(args)
         return _COMMANDS[args.command](args)
     except (CommandError, ProviderError, ConfigError, ExecError, MountError) as exc:
         print(f"isofs: error: {exc}", file=sys.stderr)
@@ -264,6 +288,68 @@ def _providers_named(argv: list[str]) -> ProvidersByCommand:
         except ProviderError:
             return {}
     return {}
+
+
+def _provider_commands() -> ProviderCommands:
+    """The subcommands installed providers add (a provider that fails to load adds none)."""
+    found: ProviderCommands = {}
+    for _name, loader in sorted(available_providers().items()):
+        try:
+            provider = loader()
+        except Exception:
+            continue
+        for extra in getattr(provider, "commands", ()):
+            if extra.name not in _COMMANDS:
+                found.setdefault(extra.name, (provider, extra))
+    return found
+
+
+def cmd_provider_command(args: argparse.Namespace) -> int:
+    """Run a provider's subcommand on an initialised source whose stack has that provider."""
+    from isofs import maintenance
+    from isofs.maintenance.common import SourceWalk
+
+    provider, extra = args.provider_command
+    meta_dir = maintenance.require_initialised(args.source)
+    mounted = bool(maintenance.mount_conflicts(args.source))
+    if extra.offline_only and mounted and not args.force:
+        maintenance.check_not_mounted(args.source)
+    names = [p.name for p in stack_providers(meta_dir)]
+    if provider.name not in names:
+        raise CommandError(f"{args.source} has no {provider.name} provider ({' -> '.join(names)})")
+    given = given_options(args, [provider]).get(provider.name, {})
+    declared = {option.name: option for option in extra.options}
+    options = {key: declared[key].parse(value, provider.name) for key, value in given.items()}
+    for option in extra.options:
+        options.setdefault(option.name, option.default)
+    request = SetupRequest(
+        options={"keyfile": args.keyfile} if args.keyfile else {}, secrets=_secrets(args)
+    )
+    stack = load_stack(meta_dir, request)
+    try:
+        layer = stack.layers[names.index(provider.name)]
+        root = os.path.abspath(args.source)
+
+        def files() -> Any:
+            walk = SourceWalk(Path(root), stack.name_transform)
+            for item in walk.files():
+                if item.kind == "file":
+                    yield item.rel, functools.partial(_open_native, os.path.join(root, item.rel))
+
+        return int(extra.run(CommandRequest(
+            source=Path(root), meta_dir=meta_dir, stack=stack, layer=layer, options=options,
+            files=files, progress=sys.stderr.isatty(), mounted=mounted,
+        )))  # fmt: skip
+    except OSError as exc:
+        raise CommandError(f"{exc.filename or args.source}: {exc.strerror or exc}") from None
+    finally:
+        stack.close()
+
+
+def _open_native(path: str, writable: bool) -> NativeFile:
+    """A native file of the source for a provider's command (closed with the process)."""
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+    return NativeFile(os.open(path, flags))
 
 
 def _provider_options(args: argparse.Namespace, scope: Scope) -> dict[str, dict[str, Any]]:

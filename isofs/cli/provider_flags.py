@@ -44,6 +44,16 @@ def add_provider_options(
             _add(group, flag, _dest(provider.name, option.name), option)
 
 
+def add_option_flags(
+    parser: argparse.ArgumentParser, provider: type[Provider], options: Sequence[Option]
+) -> None:
+    """Flags for a provider command's own options (read back with `given_options`)."""
+    if options:
+        group = parser.add_argument_group(f"options of {provider.name}")
+        for option in options:
+            _add(group, option.flag, _dest(provider.name, option.name), option)
+
+
 def _in_scope(provider: type[Provider], scope: Scope) -> list[Option]:
     return [option for option in provider.options if scope in option.scopes]
 
