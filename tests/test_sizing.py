@@ -1,9 +1,9 @@
 """Sizes for listings: misses are measured in one batch per listing, off the event loop.
 
-A `Volume` built as the daemon builds it (`measure_inline=False`) must never read a file to
-learn its logical size inside `readdir`, `lookup` or `getattr` themselves: `prepare_listing`
-measures what a listing misses in one worker-thread call, and `sized` measures a single miss
-in a worker thread. Counted here with a layer that records on which thread files are opened.
+A `Volume` must never read a file on the event loop to learn a logical size for `readdir`,
+`lookup` or `getattr` as the FUSE layer calls them: `prepare_listing` measures what a listing
+misses in one worker-thread call, and `sized` measures a single miss in a worker thread.
+Counted here with a layer that records on which thread files are opened.
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ def make_volume(src: Path, layer: XorPadLayer) -> tuple[Volume, int]:
         stack=Stack([layer]),
         policy=Policy(default_view="target"),
         sizes=SizeCache(None, racy_window_ns=0),
-        measure_inline=False,
     )
     return volume, root_fd
 

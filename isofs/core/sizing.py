@@ -4,8 +4,9 @@ A transformed view shows logical sizes, and a provider may have to read a file t
 header that says whether the file is formatted at all; a seek table at the end). `Sizer`
 answers from the persistent `SizeCache` when it can, and otherwise measures: the first look at
 a directory measures every size its listing misses in one batch in a worker thread, and a
-single stat that misses is measured in a worker thread too, so no file is read on the event
-loop (`measure_inline` is for callers without one: unit tests, maintenance).
+single stat that misses is measured in a worker thread too (`measure_inline` off while the
+volume runs such a call), so those hot paths read no file on the event loop; the rare other
+callers (setattr, create) measure inline.
 
 A size the cache refuses to keep (a file changed within the last half second, see
 sizecache.py's racy window) is remembered for a moment (`MEMO_SECONDS`, validated like a cache

@@ -8,7 +8,6 @@ returns plain dataclasses. It never imports pyfuse3, so all of it is testable wi
 from __future__ import annotations
 
 import errno
-import functools
 import itertools
 import logging
 import os
@@ -138,7 +137,6 @@ class Volume:
         cache: PageCache | None = None,
         sizes: SizeCache | None = None,
         invalidate: Callable[[int], None] | None = None,
-        measure_inline: bool = True,
         read_only: bool = False,
     ) -> None:
         self.inodes = InodeTable(root_fd)
@@ -149,11 +147,9 @@ class Volume:
         self.resolver = resolver
         self.cache = cache or PageCache()
         self.sizes = sizes if sizes is not None else SizeCache(None)
+        #: Learns logical sizes; the hot paths (lookup, getattr, listings) read files only in
+        #: worker threads (`sized`, `prepare_listing`), the rare others inline.
         self.sizer = Sizer(self.stack, self.sizes)
-        #: Whether a missing logical size may be read on the calling thread (no event loop
-        #: to keep free: unit tests). The daemon turns it off: see `sized`, `prepare_listing`.
-        self._measure_inline = measure_inline
-        self.sizer.measure_inline = measure_inline
         self.page_size = page_size_for(self.stack.block_size)
         #: Called with a nodeid whose kernel caches are stale; must not block the caller.
         self.invalidate = invalidate or (lambda nodeid: None)
@@ -247,14 +243,6 @@ class Volume:
             return section.size
         return self.sizer.size_of(inode.key, st, inode.path_fd, lambda: self.describe(inode))
 
-    def _inline(self, call: Callable[[], T]) -> T:
-        """Run `call` allowing sizes to be measured on this thread (a rare fallback)."""
-        self.sizer.measure_inline = True
-        try:
-            return call()
-        finally:
-            self.sizer.measure_inline = self._measure_inline
-
     async def sized(self, call: Callable[[], T]) -> T:
         """Run a metadata call whose answer may need a logical size that only the file knows:
         the file is then measured in a worker thread, and the call made again (lookup and
@@ -265,9 +253,9 @@ class Volume:
         except SizeMiss as miss:
             path_fd = miss.path_fd
         finally:
-            self.sizer.measure_inline = self._measure_inline
+            self.sizer.measure_inline = True
         await self.sizer.measure_one(path_fd, lambda: f"descriptor {path_fd}")
-        return self._inline(call)  # known now, unless the file changed again meanwhile
+        return call()  # known now (or, if the file changed again meanwhile, measured inline)
 
     def describe(self, inode: Inode) -> str:
         """The native path of an inode, for log lines that must name the file."""
@@ -633,11 +621,8 @@ class Volume:
                 inode, st = self.inodes.remember(handle.inode, native_name)
             except FileNotFoundError:
                 continue
-            try:
-                entry = self._entry(inode, st, handle.view)
-            except SizeMiss:  # changed since prepare_listing measured it: measure it here
-                entry = self._inline(functools.partial(self._entry, inode, st, handle.view))
-            yield name, entry, position + 1
+            # (a file changed since prepare_listing measured it is measured here, inline)
+            yield name, self._entry(inode, st, handle.view), position + 1
 
     async def prepare_listing(self, fh: int, start: int) -> None:
         """Before `readdir`: take its snapshot and learn, in one batch in a worker thread, the

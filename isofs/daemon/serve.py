@@ -187,7 +187,6 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
         cache=PageCache(options.cache_size),
         sizes=sizes,
         invalidate=invalidator.submit,
-        measure_inline=False,  # sizes that need a file read are read in worker threads
         read_only=options.read_only,
     )
     operations = IsoFS(volume, debug=options.debug)
