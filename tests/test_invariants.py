@@ -314,6 +314,27 @@ async def test_read_granted_behind_a_native_write_reloads_first(
     await vol.release(fh_t)
 
 
+async def test_write_back_of_a_section_changed_behind_the_back_reloads_first(
+    env: VolumeEnv, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pending pages of a file replaced behind the mount's back are discarded (loudly) by the
+    write-back too, not only by a read or write: written through the old upper file they
+    would corrupt the new file."""
+    vol = env.vol
+    t = await new_file(env, "f", b"A" * 100)
+    fh, _ = await vol.open(t, os.O_RDWR, TARGET)
+    await vol.write(fh, 10, b"mine")  # a partial page: pending
+    env.path("f").write_bytes(encode(b"B" * 50, seed=SEED + 1))  # behind the mount's back
+    fh2, _ = await vol.open(t, os.O_RDONLY, TARGET)  # sees the change: the section is stale
+    await vol.flush(fh)
+    assert decode(env.path("f")) == b"B" * 50
+    assert "unwritten data discarded" in caplog.text
+    section_of(env, "f").check_invariants()
+    assert bytes(await vol.read(fh2, 0, 100)) == b"B" * 50
+    await vol.release(fh2)
+    await vol.release(fh)
+
+
 # --------------------------------------------------------- random interleavings: the core
 
 

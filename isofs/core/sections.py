@@ -398,11 +398,14 @@ class Section:
 
         Waits for an operation in flight even when nothing is dirty: a native change through
         the mount comes right after this flush, and one made while a writer was in a worker
-        thread would be hidden by the validators that writer takes when it is done.
+        thread would be hidden by the validators that writer takes when it is done. A stale
+        section reloads first, as before a read or write: pages of a file replaced behind the
+        mount's back must not be written through the old upper file into the new one.
         """
         if not self.dirty and not self.lock.in_use:
             return False
         async with self._exclusive():
+            await self._reload_if_stale()
             return await self._write_back_locked()
 
     async def _write_back_locked(self) -> bool:
