@@ -74,9 +74,6 @@ class ParkedCalls:
                 self.parked.remove(entry)
         return function(*args)
 
-    def tasks(self) -> list[Task]:
-        return [task for task, _ in self.parked]
-
     async def run(self, index: int = 0) -> None:
         """Let one parked call (the oldest by default) run, then wait until all is quiet."""
         self.parked[index][1].set()
@@ -168,7 +165,6 @@ class VolumeEnv:
         self.src = root / "src"
         self.src.mkdir()
         self.root_fd = os.open(self.src, os.O_PATH | os.O_DIRECTORY)
-        self.invalidated: list[int] = []
         self.vol = Volume(
             self.root_fd,
             stack=Stack([XorPadLayer(SEED)]),
@@ -176,7 +172,6 @@ class VolumeEnv:
             resolver=Resolver(),  # type: ignore[arg-type]
             cache=PageCache(budget),
             sizes=SizeCache(None, racy_window_ns=0),
-            invalidate=self.invalidated.append,
         )
 
     def path(self, name: str) -> Path:
@@ -708,7 +703,7 @@ async def _interleave_processes(
         world.close()
 
 
-@INTERLEAVINGS
+@settings(INTERLEAVINGS, max_examples=500)
 @given(
     programs=st.lists(
         st.tuples(st.sampled_from(["target", "native"]), request_ops()), min_size=2, max_size=4
