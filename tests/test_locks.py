@@ -144,21 +144,6 @@ async def test_shared_holders_coexist_exclusive_excludes_all() -> None:
     assert not lock.is_exclusive and lock.shared_owner_count == 0
 
 
-async def test_context_managers_release_even_on_error() -> None:
-    lock = ResourceLock()
-    async with lock.shared():
-        assert lock.shared_owner_count == 1
-    assert lock.shared_owner_count == 0
-    with pytest.raises(ValueError):
-        async with lock.exclusive():
-            assert lock.exclusive_owner is trio.lowlevel.current_task()
-            raise ValueError("boom")
-    assert not lock.is_exclusive
-    async with lock.exclusive(), lock.shared(), lock.exclusive():
-        assert lock.is_exclusive
-    assert not lock.is_exclusive and lock.shared_owner_count == 0
-
-
 async def test_acquire_is_a_checkpoint_even_when_uncontended() -> None:
     lock = ResourceLock()
     with trio.CancelScope() as scope:
@@ -173,54 +158,7 @@ async def test_acquire_is_a_checkpoint_even_when_uncontended() -> None:
     assert lock.shared_owner_count == 0
 
 
-# --------------------------------------------------------------------------- recursion
-
-
-async def test_exclusive_owner_may_reenter_exclusive_and_shared() -> None:
-    lock = ResourceLock()
-    log: list[str] = []
-    await lock.acquire_exclusive()
-    await lock.acquire_exclusive()
-    await lock.acquire_shared()  # nested hold of the *exclusive* lock
-    assert lock.try_acquire_exclusive()
-    assert lock.try_acquire_shared()
-    assert lock.is_exclusive and lock.shared_owner_count == 0
-    async with trio.open_nursery() as nursery:
-        (s1,) = await launch(nursery, lock, log, "S1")
-        for _ in range(4):
-            lock.release()
-            await wait_all_tasks_blocked()
-            assert lock.is_exclusive
-            assert not s1.acquired
-        lock.release()
-        await wait_all_tasks_blocked()
-        assert s1.acquired
-        await s1.finish()
-    assert lock.statistics().exclusive_acquisitions == 1  # re-entry is not a new acquisition
-
-
-async def test_shared_owner_reenters_shared_even_with_writer_waiting() -> None:
-    lock = ResourceLock()
-    log: list[str] = []
-    await lock.acquire_shared()
-    async with trio.open_nursery() as nursery:
-        x1, s2 = await launch(nursery, lock, log, "X1", "S2")
-        assert not x1.acquired and not s2.acquired  # new reader queues behind the writer
-        with trio.fail_after(1):  # would deadlock if it queued behind X1
-            await lock.acquire_shared()
-        assert lock.try_acquire_shared()
-        assert lock.shared_owner_count == 1
-        lock.release()
-        lock.release()
-        await wait_all_tasks_blocked()
-        assert not x1.acquired
-        lock.release()
-        await wait_all_tasks_blocked()
-        assert x1.acquired and not s2.acquired
-        await x1.finish()
-        assert s2.acquired
-        await s2.finish()
-    assert log == ["X1", "S2"]
+# --------------------------------------------------------------------------- one hold per task
 
 
 async def test_shared_owner_requesting_exclusive_raises_immediately() -> None:
@@ -230,14 +168,51 @@ async def test_shared_owner_requesting_exclusive_raises_immediately() -> None:
         await lock.acquire_exclusive()
     with pytest.raises(RuntimeError, match="upgrade"):
         lock.try_acquire_exclusive()
-    with pytest.raises(RuntimeError, match="upgrade"):
-        async with lock.exclusive():
-            pytest.fail("must not get here")
     # The failed attempts changed nothing: still one plain shared hold.
     assert lock.shared_owner_count == 1 and not lock.is_exclusive
     assert lock.exclusive_waiters == 0
     lock.release()
     assert lock.shared_owner_count == 0
+
+
+@pytest.mark.parametrize(("held", "again"), [("X", "X"), ("X", "S"), ("S", "S")])
+async def test_a_second_hold_by_the_owner_raises_and_changes_nothing(
+    held: Mode, again: Mode
+) -> None:
+    lock = ResourceLock()
+    log: list[str] = []
+    await _acquire(lock, held)()
+    async with trio.open_nursery() as nursery:
+        (x1,) = await launch(nursery, lock, log, "X1")  # a queued writer must not matter
+        with trio.fail_after(1), pytest.raises(RuntimeError, match="already"):
+            await _acquire(lock, again)()
+        with pytest.raises(RuntimeError, match="already"):
+            lock.try_acquire_shared() if again == "S" else lock.try_acquire_exclusive()
+        assert lock.is_exclusive == (held == "X")
+        assert lock.shared_owner_count == (held == "S")
+        assert (lock.shared_waiters, lock.exclusive_waiters) == (0, 1)
+        lock.release()  # one release undoes the one hold
+        await wait_all_tasks_blocked()
+        assert x1.acquired
+        await x1.finish()
+    with pytest.raises(RuntimeError, match="does not hold"):
+        lock.release()
+
+
+async def test_in_use_while_held_or_awaited_and_across_the_hand_off() -> None:
+    lock = ResourceLock()
+    log: list[str] = []
+    assert not lock.in_use
+    await lock.acquire_shared()
+    assert lock.in_use
+    async with trio.open_nursery() as nursery:
+        (x1,) = await launch(nursery, lock, log, "X1")
+        lock.release()
+        assert lock.in_use and lock.exclusive_owner is x1.task  # granted before it runs
+        await wait_all_tasks_blocked()
+        assert x1.acquired
+        await x1.finish()
+    assert not lock.in_use
 
 
 # --------------------------------------------------------------------------- misuse
@@ -257,75 +232,6 @@ async def test_release_by_non_owner_raises() -> None:
     lock.release()
     with pytest.raises(RuntimeError):
         lock.release()  # one release too many
-
-
-async def test_downgrade_by_non_exclusive_owner_raises() -> None:
-    lock = ResourceLock()
-    with pytest.raises(RuntimeError, match="exclusively"):
-        lock.convert_exclusive_to_shared()
-    await lock.acquire_shared()
-    with pytest.raises(RuntimeError, match="exclusively"):
-        lock.convert_exclusive_to_shared()
-    lock.release()
-    await lock.acquire_exclusive()
-    assert isinstance(await raises_in_other_task(lock.convert_exclusive_to_shared), RuntimeError)
-    assert lock.is_exclusive
-    lock.release()
-
-
-# --------------------------------------------------------------------------- downgrade
-
-
-async def test_downgrade_wakes_head_readers_only() -> None:
-    lock = ResourceLock()
-    log: list[str] = []
-    assert not inspect.iscoroutinefunction(lock.convert_exclusive_to_shared)  # never blocks
-    await lock.acquire_exclusive()
-    async with trio.open_nursery() as nursery:
-        s1, s2, x3, s4 = await launch(nursery, lock, log, "S1", "S2", "X3", "S4")
-        lock.convert_exclusive_to_shared()
-        assert not lock.is_exclusive
-        await wait_all_tasks_blocked()
-        assert s1.acquired and s2.acquired
-        assert not x3.acquired and not s4.acquired  # S4 stays behind the queued writer
-        assert lock.shared_owner_count == 3
-        assert (lock.shared_waiters, lock.exclusive_waiters) == (1, 1)
-        lock.release()
-        await s1.finish()
-        assert not x3.acquired
-        await s2.finish()
-        assert x3.acquired and not s4.acquired
-        await x3.finish()
-        await s4.finish()
-    assert sorted(log[:2]) == ["S1", "S2"]  # one batch: wake order within it is unspecified
-    assert log[2:] == ["X3", "S4"]
-
-
-async def test_downgrade_keeps_nesting_depth() -> None:
-    lock = ResourceLock()
-    await lock.acquire_exclusive()
-    await lock.acquire_shared()
-    await lock.acquire_exclusive()
-    lock.convert_exclusive_to_shared()
-    assert not lock.is_exclusive and lock.shared_owner_count == 1
-    assert await can_acquire_now(lock, "S")  # readers may now share
-    for _ in range(2):
-        lock.release()
-        assert lock.shared_owner_count == 1
-        assert not await can_acquire_now(lock, "X")
-    lock.release()
-    assert lock.shared_owner_count == 0
-    assert await can_acquire_now(lock, "X")
-
-
-async def test_downgrade_inside_exclusive_block() -> None:
-    lock = ResourceLock()
-    async with lock.exclusive():
-        lock.convert_exclusive_to_shared()
-        assert lock.shared_owner_count == 1
-        await lock.acquire_shared()  # now a plain recursive shared hold
-        lock.release()
-    assert lock.shared_owner_count == 0 and not lock.is_exclusive
 
 
 # --------------------------------------------------------------------------- try-acquire
@@ -354,8 +260,6 @@ async def test_try_acquire_shared_does_not_jump_queued_writer() -> None:
         (x1,) = await launch(nursery, lock, log, "X1")
         # The lock is only held shared, but a writer is queued: a newcomer must not barge in.
         assert not await can_acquire_now(lock, "S")
-        assert lock.try_acquire_shared()  # ...whereas the existing owner may recurse
-        lock.release()
         lock.release()
         await wait_all_tasks_blocked()
         assert x1.acquired
@@ -397,14 +301,16 @@ async def test_writer_not_starved_by_stream_of_readers(
     events: list[tuple[str, float]] = []
 
     async def reader(name: str) -> None:
-        async with lock.shared():
-            events.append((name, trio.current_time()))
-            await trio.sleep(3)
+        await lock.acquire_shared()
+        events.append((name, trio.current_time()))
+        await trio.sleep(3)
+        lock.release()
 
     async def writer() -> None:
-        async with lock.exclusive():
-            events.append(("W", trio.current_time()))
-            await trio.sleep(1)
+        await lock.acquire_exclusive()
+        events.append(("W", trio.current_time()))
+        await trio.sleep(1)
+        lock.release()
         events.append(("W-done", trio.current_time()))
 
     start = trio.current_time()
@@ -587,39 +493,23 @@ async def test_statistics_snapshot() -> None:
 
 # --------------------------------------------------------------------------- property test
 #
-# Each task runs a program of "blocks"; a block is a top-level acquire, some nested
-# operations allowed for the mode held at that point, and as many releases as holds.  A
-# controller advances exactly one task by one operation per step (or cancels a queued
-# task, possibly in the same scheduling step as a release), waits for the system to
-# quiesce, and then checks the invariants against the tasks' own bookkeeping.
+# Each task runs a program of "blocks"; a block is an acquire, some yields and attempts to
+# take the lock a second time (which must fail at once), and the release.  A controller
+# advances exactly one task by one operation per step (or cancels a queued task, possibly in
+# the same scheduling step as a release), waits for the system to quiesce, and then checks
+# the invariants against the tasks' own bookkeeping.
 
-Op = tuple[str, ...]  # ("acquire", m) ("nested", m) ("downgrade",) ("yield",) ("release",)
+Op = tuple[str, ...]  # ("acquire", m) ("again", m) ("yield",) ("release",)
 
 
 @st.composite
 def block_strategy(draw: st.DrawFn) -> list[Op]:
     mode: Mode = draw(st.sampled_from(["S", "X"]))
     ops: list[Op] = [("acquire", mode)]
-    depth = 1
     for _ in range(draw(st.integers(0, 3))):
-        choices = ["yield", "nested-S"]
-        if mode == "X":
-            choices += ["nested-X", "downgrade"]
-        if depth > 1:
-            choices.append("release")
-        choice = draw(st.sampled_from(choices))
-        if choice.startswith("nested"):
-            ops.append(("nested", choice[-1]))
-            depth += 1
-        elif choice == "downgrade":
-            ops.append(("downgrade",))
-            mode = "S"
-        elif choice == "release":
-            ops.append(("release",))
-            depth -= 1
-        else:
-            ops.append(("yield",))
-    ops += [("release",)] * depth
+        choice = draw(st.sampled_from(["yield", "again-S", "again-X"]))
+        ops.append(("again", choice[-1]) if choice.startswith("again") else ("yield",))
+    ops.append(("release",))
     return ops
 
 
@@ -719,12 +609,9 @@ class Worker:
                 if op[0] == "acquire":
                     if not await self.top_level_acquire(op[1]):  # type: ignore[arg-type]
                         break  # cancelled: skip the rest of this block
-                elif op[0] == "nested":
-                    await _acquire(lock, op[1])()  # type: ignore[arg-type]
-                    h.holders[self.idx][1] += 1
-                elif op[0] == "downgrade":
-                    lock.convert_exclusive_to_shared()
-                    h.holders[self.idx][0] = "S"
+                elif op[0] == "again":
+                    with pytest.raises(RuntimeError):
+                        await _acquire(lock, op[1])()  # type: ignore[arg-type]
                 elif op[0] == "release":
                     lock.release()
                     held = h.holders[self.idx]
@@ -781,7 +668,7 @@ async def drive(programs: list[list[list[Op]]], data: st.DataObject) -> None:
                     ("cancel+step", j, w.idx)
                     for j in sorted(blocked)
                     for w in ready
-                    if w.next_op in {("release",), ("downgrade",)}
+                    if w.next_op == ("release",)
                 ]
                 kind, a, b = data.draw(st.sampled_from(actions))
                 if kind == "step":
@@ -792,7 +679,7 @@ async def drive(programs: list[list[list[Op]]], data: st.DataObject) -> None:
                     h.expect_cancel.add(a)
                     if kind == "cancel":
                         scope.cancel()
-                    else:  # cancel and release/downgrade in one scheduling step
+                    else:  # cancel and release in one scheduling step
                         workers[b].send.send_nowait(scope.cancel)
     assert all(w.state == "done" for w in workers)
     assert not h.expect_cancel

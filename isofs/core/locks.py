@@ -1,42 +1,38 @@
-"""Fair reader/writer lock for trio, modelled on the Windows executive resource (ERESOURCE).
+"""Fair reader/writer lock for trio: the section lock (docs/LOCKING.md says how it is used).
 
 isofs guards each file "section" with a :class:`ResourceLock`: reads take it *shared*,
-writes and truncates take it *exclusive*.  The semantics follow ERESOURCE closely because
-that is the contract FUSE-backed file systems ported from Windows expect:
+writes, truncates, write-back and reloads take it *exclusive*. What the protocol needs, and
+nothing more:
 
 * **Ownership is per trio task** (``trio.lowlevel.current_task()``), so only the task that
   acquired a hold may release it.
-* **Recursion.**  An exclusive owner may re-acquire exclusive *or* shared; both count as
-  one more nested hold of the exclusive lock.  A shared owner may re-acquire shared
-  without blocking, even if writers are queued, because making it wait behind a writer
-  that itself waits for this very task would deadlock.  A shared owner asking for
-  exclusive (an "upgrade") can never be satisfied safely, so it raises
-  :class:`RuntimeError` at once instead of hanging.
-* **Strict FIFO, no starvation.**  Requests that cannot be granted immediately are queued
-  in arrival order.  A new (non-recursive) request never overtakes the queue: in
-  particular a new shared request waits whenever anything is queued, so a steady stream
-  of readers cannot starve a writer.  Whenever the lock state changes the head of the
-  queue is granted if compatible; a shared head is granted together with *all* shared
-  waiters directly behind it, so a stream of writers cannot starve readers either.
-* **Hand-off.**  Ownership is transferred to a waiter at the moment it is granted, before
-  the waiter even runs, so nobody can barge in between.  Waiting uses one
-  :class:`trio.Event` per waiter; there is no polling.
-* **Downgrade.**  :meth:`ResourceLock.convert_exclusive_to_shared` turns every hold of the
-  exclusive owner into a shared hold (keeping the nesting depth, as ERESOURCE does),
-  never blocks, and grants the shared waiters at the head of the queue.
-* **Cancellation safety.**  A waiter cancelled while queued is removed from the queue
-  (which may unblock the requests behind it).  If it was granted in the same scheduling
-  step in which it was cancelled, the grant is released again before ``Cancelled``
-  propagates, so the lock is never left owned by a task that thinks it failed.
+* **One hold per task.** The protocol never nests section locks (no task waits for a lock
+  while it holds one, the same one included), so a task that holds the lock and asks for it
+  again, in either mode, gets :class:`RuntimeError` at once: nested, an exclusive request
+  would wait for itself forever, and a shared one would queue behind a writer that waits for
+  this very task. (A shared owner asking for exclusive is the "upgrade" case of this rule.)
+* **Strict FIFO, no starvation.** Requests that cannot be granted immediately are queued in
+  arrival order. A new request never overtakes the queue: in particular a new shared request
+  waits whenever anything is queued, so a steady stream of readers cannot starve a writer.
+  Whenever the lock state changes the head of the queue is granted if compatible; a shared
+  head is granted together with *all* shared waiters directly behind it, so a stream of
+  writers cannot starve readers either.
+* **Hand-off.** Ownership is transferred to a waiter at the moment it is granted, before the
+  waiter even runs, so nobody can barge in between, and :attr:`ResourceLock.in_use` stays
+  true across the hand-over (a section is never detached between two users).
+* **Cancellation safety.** A waiter cancelled while queued is removed from the queue (which
+  may unblock the requests behind it). If it was granted in the same scheduling step in which
+  it was cancelled, the grant is released again before ``Cancelled`` propagates, so the lock
+  is never left owned by a task that thinks it failed (requests are cancelled at unmount).
+* **Statistics** for ``isofs status``: waiters, owners, grants, contention, cancellations.
 
-Like :class:`trio.Lock`, the async acquire methods are always checkpoints, and
-:meth:`ResourceLock.release` is synchronous so it can be used freely in ``finally`` blocks.
+Like :class:`trio.Lock`, the async acquire methods are always checkpoints; the ``try_``
+methods never are (the section's uncontended fast path), and :meth:`ResourceLock.release` is
+synchronous so it can be used freely in ``finally`` blocks.
 """
 
 import enum
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -69,9 +65,9 @@ class ResourceLockStatistics:
     shared_owner_count: int
     is_exclusive: bool
     shared_acquisitions: int
-    """Non-recursive shared grants so far (immediate or after waiting)."""
+    """Shared grants so far (immediate or after waiting)."""
     exclusive_acquisitions: int
-    """Non-recursive exclusive grants so far (immediate or after waiting)."""
+    """Exclusive grants so far (immediate or after waiting)."""
     contended_shared: int
     """Shared requests that had to queue (whether or not they were eventually granted)."""
     contended_exclusive: int
@@ -81,12 +77,11 @@ class ResourceLockStatistics:
 
 
 class ResourceLock:
-    """Task-owned, recursive, strictly FIFO shared/exclusive lock (see the module docstring)."""
+    """Task-owned, strictly FIFO shared/exclusive lock, one hold per task (module docstring)."""
 
     def __init__(self) -> None:
         self._exclusive_owner: Task | None = None
-        self._exclusive_depth = 0
-        self._shared_owners: dict[Task, int] = {}
+        self._shared_owners: set[Task] = set()
         # OrderedDict rather than deque: cancelled waiters must be removable from the middle
         # cheaply, and popping the head must stay O(1) (unlike a plain dict).
         self._queue: OrderedDict[_Waiter, None] = OrderedDict()
@@ -100,7 +95,7 @@ class ResourceLock:
 
     def __repr__(self) -> str:
         if self._exclusive_owner is not None:
-            state = f"exclusive(depth={self._exclusive_depth})"
+            state = "exclusive"
         elif self._shared_owners:
             state = f"shared(owners={len(self._shared_owners)})"
         else:
@@ -111,6 +106,11 @@ class ResourceLock:
         )
 
     # ------------------------------------------------------------------ introspection
+
+    @property
+    def in_use(self) -> bool:
+        """Whether any task holds the lock or waits for it (then its section is busy)."""
+        return self._exclusive_owner is not None or bool(self._shared_owners or self._queue)
 
     @property
     def shared_waiters(self) -> int:
@@ -124,7 +124,7 @@ class ResourceLock:
 
     @property
     def shared_owner_count(self) -> int:
-        """Number of distinct tasks currently holding the lock shared."""
+        """Number of tasks currently holding the lock shared."""
         return len(self._shared_owners)
 
     @property
@@ -155,19 +155,27 @@ class ResourceLock:
 
     def try_acquire_shared(self) -> bool:
         """Take a shared hold if that is possible without waiting (or jumping the queue)."""
-        return self._try_shared(trio.lowlevel.current_task())
+        task = trio.lowlevel.current_task()
+        self._refuse_second_hold(task, _Mode.SHARED)
+        return self._try_shared(task)
 
     def try_acquire_exclusive(self) -> bool:
         """Take an exclusive hold if that is possible without waiting.
 
-        Raises :class:`RuntimeError` if the calling task holds the lock shared: an upgrade
-        is a design error even when it happens to be uncontended, so fail consistently.
+        Raises :class:`RuntimeError` if the calling task holds the lock already: nesting is a
+        design error even when it happens to be uncontended, so fail consistently.
         """
-        return self._try_exclusive(trio.lowlevel.current_task())
+        task = trio.lowlevel.current_task()
+        self._refuse_second_hold(task, _Mode.EXCLUSIVE)
+        return self._try_exclusive(task)
 
     async def acquire_shared(self) -> None:
-        """Acquire a shared hold, queueing in FIFO order behind earlier requests."""
+        """Acquire a shared hold, queueing in FIFO order behind earlier requests.
+
+        Raises :class:`RuntimeError` immediately if the calling task holds the lock already.
+        """
         task = trio.lowlevel.current_task()
+        self._refuse_second_hold(task, _Mode.SHARED)
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._try_shared(task):
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -177,12 +185,11 @@ class ResourceLock:
     async def acquire_exclusive(self) -> None:
         """Acquire an exclusive hold, queueing in FIFO order behind earlier requests.
 
-        Raises :class:`RuntimeError` immediately if the calling task holds the lock shared,
-        because that upgrade would wait for itself forever.
+        Raises :class:`RuntimeError` immediately if the calling task holds the lock already
+        (for a shared owner that is an upgrade, which would wait for itself forever).
         """
         task = trio.lowlevel.current_task()
-        if task in self._shared_owners:
-            raise self._upgrade_error()
+        self._refuse_second_hold(task, _Mode.EXCLUSIVE)
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._try_exclusive(task):
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -190,95 +197,42 @@ class ResourceLock:
             await self._wait(_Waiter(task, _Mode.EXCLUSIVE))
 
     def release(self) -> None:
-        """Drop one hold of the calling task, granting queued requests once the lock frees up.
+        """Drop the calling task's hold, granting queued requests once the lock frees up.
 
         Synchronous (never blocks) so it is safe in ``finally`` blocks and cancelled scopes.
         """
         task = trio.lowlevel.current_task()
         if task is self._exclusive_owner:
-            self._exclusive_depth -= 1
-            if self._exclusive_depth == 0:
-                self._exclusive_owner = None
-                self._dispatch()
-            return
-        depth = self._shared_owners.get(task)
-        if depth is None:
+            self._exclusive_owner = None
+        elif task in self._shared_owners:
+            self._shared_owners.remove(task)
+        else:
             raise RuntimeError("ResourceLock.release() called by a task that does not hold it")
-        if depth > 1:
-            self._shared_owners[task] = depth - 1
-            return
-        del self._shared_owners[task]
         self._dispatch()
-
-    def convert_exclusive_to_shared(self) -> None:
-        """Downgrade every hold of the exclusive owner to shared; never blocks.
-
-        Lets a writer keep readers out of a half-written section, then let them in without a
-        window where another writer could slip in.  The nesting depth is preserved, so each
-        earlier acquire still needs exactly one :meth:`release`.
-        """
-        task = trio.lowlevel.current_task()
-        if task is not self._exclusive_owner:
-            raise RuntimeError(
-                "ResourceLock.convert_exclusive_to_shared() called by a task that does not "
-                "hold it exclusively"
-            )
-        self._shared_owners[task] = self._exclusive_depth
-        self._exclusive_owner = None
-        self._exclusive_depth = 0
-        self._dispatch()
-
-    @asynccontextmanager
-    async def shared(self) -> AsyncIterator[None]:
-        """``async with lock.shared():`` -- hold the lock shared for the block."""
-        await self.acquire_shared()
-        try:
-            yield
-        finally:
-            self.release()
-
-    @asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[None]:
-        """``async with lock.exclusive():`` -- hold the lock exclusively for the block."""
-        await self.acquire_exclusive()
-        try:
-            yield
-        finally:
-            self.release()
 
     # ------------------------------------------------------------------ internals
 
-    @staticmethod
-    def _upgrade_error() -> RuntimeError:
-        return RuntimeError(
-            "ResourceLock: a shared owner may not acquire exclusive (upgrade would deadlock); "
-            "release the shared hold first"
-        )
+    def _refuse_second_hold(self, task: Task, mode: _Mode) -> None:
+        if task in self._shared_owners and mode is _Mode.EXCLUSIVE:
+            raise RuntimeError(
+                "ResourceLock: a shared owner may not acquire exclusive (upgrade would "
+                "deadlock); release the shared hold first"
+            )
+        if task is self._exclusive_owner or task in self._shared_owners:
+            raise RuntimeError(
+                "ResourceLock: this task holds the lock already; section locks never nest"
+            )
 
     def _try_shared(self, task: Task) -> bool:
-        if task is self._exclusive_owner:
-            self._exclusive_depth += 1
-            return True
-        depth = self._shared_owners.get(task)
-        if depth is not None:
-            # Recursive shared: must not queue behind writers that wait for *us*.
-            self._shared_owners[task] = depth + 1
-            return True
         if self._exclusive_owner is None and not self._queue:
-            self._shared_owners[task] = 1
+            self._shared_owners.add(task)
             self._shared_acquisitions += 1
             return True
         return False
 
     def _try_exclusive(self, task: Task) -> bool:
-        if task is self._exclusive_owner:
-            self._exclusive_depth += 1
-            return True
-        if task in self._shared_owners:
-            raise self._upgrade_error()
         if self._exclusive_owner is None and not self._shared_owners and not self._queue:
             self._exclusive_owner = task
-            self._exclusive_depth = 1
             self._exclusive_acquisitions += 1
             return True
         return False
@@ -315,9 +269,8 @@ class ResourceLock:
     def _drop_grant(self, waiter: _Waiter) -> None:
         if waiter.mode is _Mode.EXCLUSIVE:
             self._exclusive_owner = None
-            self._exclusive_depth = 0
         else:
-            del self._shared_owners[waiter.task]
+            self._shared_owners.discard(waiter.task)
 
     def _dispatch(self) -> None:
         """Grant the head of the queue while it is compatible with the current holders."""
@@ -327,12 +280,11 @@ class ResourceLock:
                 if self._exclusive_owner is not None or self._shared_owners:
                     return
                 self._exclusive_owner = waiter.task
-                self._exclusive_depth = 1
                 self._exclusive_acquisitions += 1
             else:
                 if self._exclusive_owner is not None:
                     return
-                self._shared_owners[waiter.task] = 1
+                self._shared_owners.add(waiter.task)
                 self._shared_acquisitions += 1
             self._dequeue(waiter)
             waiter.granted = True

@@ -212,6 +212,32 @@ class PageCache:
             del self._by_section[section]
         self.evictions += 1
 
+    # ------------------------------------------------------------------ checking
+
+    def check_invariants(self) -> None:
+        """Assert the accounting and the promises of docs/LOCKING.md (for tests).
+
+        Dirty pages are never evicted (nor listed for eviction); the budget holds unless only
+        dirty pages are left to blame; each segment keeps to its half (a single page may be
+        larger than that on its own).
+        """
+        pages = self._pages
+        dirty = {(s, i) for s, indexes in self._dirty.items() for i in indexes}
+        assert dirty <= pages.keys(), "a dirty page left the cache"
+        probation, protected = set(self._probation), set(self._protected)
+        assert not probation & protected, "a page is in both segments"
+        assert probation | protected == pages.keys() - dirty, "segments are not the clean pages"
+        listed = {(s, i) for s, indexes in self._by_section.items() for i in indexes}
+        assert all(self._by_section.values()) and listed == pages.keys(), "section index"
+        assert self._bytes == sum(len(p) for p in pages.values()), "bytes_cached"
+        assert self._dirty_bytes == sum(len(pages[k]) for k in dirty), "dirty_bytes"
+        assert self._probation_bytes == sum(len(pages[k]) for k in probation)
+        assert self._protected_bytes == sum(len(pages[k]) for k in protected)
+        assert self._bytes <= self.budget or not probation | protected, "over budget"
+        half = self.budget // 2
+        assert self._probation_bytes <= half or len(probation) <= 1, "probation over half"
+        assert self._protected_bytes <= self.budget - half or len(protected) <= 1
+
     # ------------------------------------------------------------------ pressure
 
     @property

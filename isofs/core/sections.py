@@ -190,11 +190,15 @@ class Section:
     # --------------------------------------------------------------------- reading
 
     async def read(self, offset: int, size: int) -> bytes:
-        if self.stale:
-            async with self._exclusive():
-                await self._reload_if_stale()
-        async with self._shared():
-            return await self._read_locked(offset, size)
+        while True:
+            if self.stale:
+                async with self._exclusive():
+                    await self._reload_if_stale()
+            async with self._shared():
+                # Marked stale while this task waited (a native write that went before it in
+                # the queue changed the file right after its release): reload again first.
+                if not self.stale:
+                    return await self._read_locked(offset, size)
 
     async def _read_locked(self, offset: int, size: int) -> bytes | memoryview:
         """The bytes, or a view of them when no copy is needed.
@@ -402,10 +406,18 @@ class Section:
         return self.cache.has_dirty(self.id)
 
     async def flush(self) -> bool:
-        """Write dirty pages back to the provider and flush it; True if anything was written."""
-        if not self.dirty:
+        """Write dirty pages back to the provider and flush it; True if anything was written.
+
+        Waits for an operation in flight even when nothing is dirty: a native change through
+        the mount comes right after this flush, and one made while a writer was in a worker
+        thread would be hidden by the validators that writer takes when it is done. A stale
+        section reloads first, as before a read or write: pages of a file replaced behind the
+        mount's back must not be written through the old upper file into the new one.
+        """
+        if not self.dirty and not self.lock.in_use:
             return False
         async with self._exclusive():
+            await self._reload_if_stale()
             return await self._write_back_locked()
 
     async def _write_back_locked(self) -> bool:
@@ -495,13 +507,16 @@ class Section:
         return self.native_fd >= 0
 
     def detach(self) -> None:
-        """Give back the native descriptor when no handle uses the section; pages stay.
+        """Give back the native descriptor when nothing uses the section; pages stay.
+
+        Nothing: no handle, no dirty page, and no task holding or waiting for the lock (a
+        truncate, or an open that has no handle yet, may be waiting for it).
 
         A section per file ever opened would otherwise hold a descriptor per file (10,000
         created files: 10,000 descriptors). The validators decide at the next attach whether
         the pages still describe the file.
         """
-        if self.attached and not self.handles and not self.dirty:
+        if self.attached and not self.handles and not self.dirty and not self.lock.in_use:
             os.close(self.native_fd)
             self.native_fd = -1
 
@@ -510,6 +525,44 @@ class Section:
         self.native_fd = fd
         self.lower = NativeFile(fd)
         self._rebind = self.stale = True
+
+    def check_invariants(self) -> None:
+        """Assert the promises of docs/LOCKING.md about this section (for tests).
+
+        The structure holds at every task switch. The content (clean pages and stored size
+        agree with the provider file) is only checked while no task holds the lock exclusive
+        (a writer may be between changing the provider file and recording it) and the section
+        is current: not stale, native file unchanged since its validators.
+        """
+        cache, size = self.cache, self.page_size
+        assert 0 <= self.stored_size <= self.size, (self.stored_size, self.size)
+        indexes = sorted(cache._by_section.get(self.id, ()))
+        dirty = set(cache.dirty_indexes(self.id))
+        assert dirty <= set(indexes), "a dirty page left the cache"
+        for index in indexes:
+            page = cache.peek(self.id, index)
+            assert page is not None and len(page) == size, index
+            assert index * size < self.size, f"page {index} lies beyond the size {self.size}"
+            tail = max(0, self.size - index * size)
+            assert not any(page[tail:]), f"page {index} is not zero beyond the size"
+        if not self.attached:
+            assert not self.handles and not dirty, "detached while handles or pages need it"
+            assert not self.lock.in_use, "detached while a task uses the section"
+            return
+        os.fstat(self.native_fd)  # EBADF if someone closed it
+        if self.stale or self.lock.is_exclusive or self.native_changed():
+            return
+        upper = self.stack.open(NativeFile(self.native_fd))
+        assert self.formatted == (upper is not None)
+        current = upper if upper is not None else NativeFile(self.native_fd)
+        assert self.stored_size == current.size(), (self.stored_size, current.size())
+        for index in sorted(set(indexes) - dirty):
+            page = cache.peek(self.id, index)
+            assert page is not None
+            start = index * size
+            stored = current.read(start, max(0, min(size, self.stored_size - start)))
+            assert page[: len(stored)] == stored, f"clean page {index} differs from the file"
+            assert not any(page[len(stored) :]), f"clean page {index}: not zero past the data"
 
     def close(self) -> None:
         """Forget pages and close the native descriptor (after a final flush)."""
