@@ -162,9 +162,22 @@ class Sizer:
             self._remember(measured)
 
     async def measure_one(self, path_fd: int, describe: Callable[[], str]) -> None:
-        """Measure one file (its O_PATH descriptor kept open by the caller) in a thread."""
+        """Measure one file in a worker thread.
+
+        The file is opened here, on the event loop, so the thread reads a descriptor of its
+        own: the inode's O_PATH descriptor may be closed by another request (a forget, a
+        release) while the thread runs. A file that cannot be opened is left unmeasured (the
+        caller's retry then says why).
+        """
         self.stats.single += 1
-        measured = await trio.to_thread.run_sync(self._measure_path_fd, path_fd)
+        try:
+            fd = native.reopen_keeping_atime(path_fd, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            measured = await trio.to_thread.run_sync(self._measure_fd, fd)
+        finally:
+            os.close(fd)
         if measured.error is not None:
             log.error("%s: cannot read the logical size: %s", describe(), measured.error)
         self._remember(measured)
