@@ -8,11 +8,14 @@ too many dirty frames, encodes them and writes them out:
 - a frame whose new encoding fits its old slot is written in place, the slot's trailer
   growing over the slack (so slack of any size, 1..7 bytes included, costs nothing);
 - from the first frame that does not fit (or the first new frame) on, the rest of the file
-  is laid out again and written front to back, reading ahead of the write position only
-  what is about to be overwritten; when a frame that was full outgrew its slot, every slot
-  laid out again gets headroom (an eighth of its frame) so the next rewrite likely fits;
-- then the seek table: only the changed entries when the layout did not move, else whole,
-  at the new end, and the file is cut to it.
+  is laid out again. When old slots have to move, the new run of slots and its seek table
+  are first staged past the end of the file, with spare copies of the slots rewritten in
+  place; then the in-place writes; then the staged run is copied down over the old slots and
+  the file cut after it. Until then every frame has an intact copy, old or new, that fsck's
+  scan finds. Without slots to move (appends, a last frame that grew) the run is written
+  where it belongs at once. When a frame that was full outgrew its slot, every slot laid out
+  again gets headroom (an eighth of its frame) so that the next rewrite likely fits;
+- then the seek table: only the changed entries when the layout did not move, else whole.
 
 Everything here runs under the section lock (exclusive for writes, truncate and flush), so
 the only state reads share is the small cache of decoded frames, which has its own lock.
@@ -20,9 +23,11 @@ the only state reads share is the small cache of decoded frames, which has its o
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from array import array
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
@@ -376,43 +381,48 @@ class CompressedFile:
                 first_move = min(first_move, index)
                 grew = grew or self._stored_length(index) == self.frame_size
         generation = self._generation()
-        written = self._write_in_place(
-            [i for i in sorted(encoded) if i < first_move], encoded, generation
-        )
-        sizes = self._slot_sizes[: min(first_move, self._valid)]
-        checksums = self._checksums[: min(first_move, self._valid)]
-        for index in range(len(checksums)):
+        kept_end = min(first_move, self._valid)
+        sizes = self._slot_sizes[:kept_end]
+        checksums = self._checksums[:kept_end]
+        for index in range(kept_end):
             if index in encoded:
                 checksums[index] = fmt.frame_checksum(encoded[index])
-        table_at = self._offsets[min(first_move, self._valid)]
+        region: _Region | None = None
         if first_move < count:
-            try:
-                table_at, moved = self._lay_out(first_move, count, encoded, grew, generation)
-            except BaseException:
-                # Slots were overwritten whose old bytes only this call held: retrying could
-                # not restore them. Everything fails until the file is opened again (fsck).
-                self._broken = True
-                raise
-            for slot_size, checksum in moved:
+            region = self._lay_out(first_move, count, encoded, grew, generation)
+            for slot_size, checksum in region.slots:
                 sizes.append(slot_size)
                 checksums.append(checksum)
-            written += table_at - self._offsets[min(first_move, self._valid)]
         lengths = array("I", [self.frame_size]) * count
         if count:
             lengths[-1] = self._length(count - 1)
-        same_layout = first_move == count and count == self._stored and table_at == (
-            self._offsets[self._stored]
-        )
-        if same_layout:
-            written += self._update_entries(sorted(encoded), sizes, lengths, checksums, table_at)
+        in_place = [i for i in sorted(encoded) if i < first_move]
+        table_at = self._offsets[kept_end] + (region.length if region else 0)
+        written = region.length if region else 0
+        if region is None and count == self._stored:
+            written += self._write_in_place(in_place, encoded, generation)
+            written += self._update_entries(in_place, sizes, lengths, checksums, table_at)
         else:
             table = fmt.encode_table(
                 array("I", [fmt.HEADER_SIZE]) + sizes,
                 array("I", [0]) + lengths,
                 array("I", [fmt.EMPTY_CHECKSUM]) + checksums,
             )
-            self._lower.write(table_at, table)
-            written += len(table)
+            if region is not None and region.staged_at is not None:
+                # The table goes after the staged slots, and after it spare copies of the
+                # slots rewritten in place: a kill while one is written leaves its copy.
+                spare = b"".join(
+                    fmt.encode_slot(encoded[i], i, generation, len(encoded[i]) + fmt.TRAILER_MIN)
+                    for i in in_place
+                )
+                self._lower.write(region.staged_at + region.length, table + spare)
+                written += len(table) + len(spare)
+                written += self._write_in_place(in_place, encoded, generation)
+                written += self._move_staged(region, table)
+            else:
+                written += self._write_in_place(in_place, encoded, generation)
+                self._lower.write(table_at, table)
+                written += len(table)
             if self._lower.size() > table_at + len(table):
                 self._lower.truncate(table_at + len(table))
         self._codec.stats.add(lower_bytes_written=written)
@@ -425,6 +435,28 @@ class CompressedFile:
                 self._remember(index, bytes(self._dirty[index]))
         self._dirty.clear()
         self._layout_changed = False
+
+    def _move_staged(self, region: _Region, table: bytes) -> int:
+        """Finish a staged layout (its table already written after the staged slots): copy
+        both down to where they belong, front to back (a copy never overwrites bytes it has
+        not read yet, nor its own source: each step is at most the distance moved)."""
+        assert region.staged_at is not None
+        source, dest = region.staged_at, region.start
+        total = region.length + len(table)
+        step = max(1, min(WRITE_CHUNK, source - dest))
+        try:
+            for offset in range(0, total, step):
+                length = min(step, total - offset)
+                chunk = self._lower.read(source + offset, length)
+                if len(chunk) != length:
+                    raise CorruptData("compress: the staged copy shrank while it was moved")
+                self._lower.write(dest + offset, chunk)
+        except BaseException:
+            # Old slots are partly overwritten now; only a scan (fsck) can tell old from new.
+            self._broken = True
+            raise
+        self._codec.stats.add(tail_bytes=total)
+        return total
 
     def _write_in_place(
         self, indexes: list[int], encoded: dict[int, Bytes], generation: int
@@ -456,30 +488,44 @@ class CompressedFile:
 
     def _lay_out(
         self, first: int, count: int, encoded: dict[int, Bytes], grew: bool, generation: int
-    ) -> tuple[int, list[tuple[int, int]]]:
-        """Write slots first..count-1 again from slot `first`'s offset on; return where the
-        seek table goes and (slot size, checksum) per slot written."""
+    ) -> _Region:
+        """Write slots first..count-1 for their new place at slot `first`'s offset.
+
+        When old slots must move (kept frames after the first one that changed), the new
+        slots are staged past the end of the file first, so that until `_move_staged` copies
+        them down every frame has an intact copy (old or new) somewhere in the file; a
+        failure while staging cuts the file back to what it was. Without kept slots (appends,
+        a last frame that grew) they are written in place at once.
+        """
         start = self._offsets[min(first, self._valid)]
         kept = [i for i in range(first, self._valid) if i not in encoded]
-        writer = _Relayout(self._lower, start, kept, self._offsets, self._slot_sizes)
-        moved = []
-        for index in range(first, count):
-            if index in encoded:
-                frame: Bytes = encoded[index]
-                checksum = fmt.frame_checksum(frame)
-                room = headroom(len(frame), self.frame_size) if grew else 0
-                slot_size = len(frame) + fmt.TRAILER_MIN + room
-                slot = fmt.encode_slot(frame, index, generation, slot_size)
-            else:
-                slot = writer.old_slot(index)
-                checksum = self._checksums[index]
-                if grew:
-                    slot = self._with_headroom(index, slot, generation)
-            writer.emit(slot)
-            moved.append((len(slot), checksum))
-        table_at = writer.finish()
-        self._codec.stats.add(tail_rewrites=1, tail_bytes=table_at - start)
-        return table_at, moved
+        staged_at = self._lower.size() if kept else None
+        writer = _Writer(self._lower, start if staged_at is None else staged_at, kept,
+                         self._offsets)  # fmt: skip
+        region = _Region(start, staged_at)
+        try:
+            for index in range(first, count):
+                if index in encoded:
+                    frame: Bytes = encoded[index]
+                    checksum = fmt.frame_checksum(frame)
+                    room = headroom(len(frame), self.frame_size) if grew else 0
+                    slot_size = len(frame) + fmt.TRAILER_MIN + room
+                    slot = fmt.encode_slot(frame, index, generation, slot_size)
+                else:
+                    slot = writer.old_slot(index)
+                    checksum = self._checksums[index]
+                    if grew:
+                        slot = self._with_headroom(index, slot, generation)
+                writer.emit(slot)
+                region.slots.append((len(slot), checksum))
+            region.length = writer.finish() - writer.base
+        except BaseException:
+            if staged_at is not None:  # nothing of the old layout changed: undo the staging
+                with contextlib.suppress(OSError):
+                    self._lower.truncate(staged_at)
+            raise
+        self._codec.stats.add(tail_rewrites=1, tail_bytes=region.length)
+        return region
 
     def _with_headroom(self, index: int, slot: bytes, generation: int) -> bytes:
         """A kept slot with a trailer padded for growth; a damaged slot is kept as it is
@@ -493,30 +539,34 @@ class CompressedFile:
         return fmt.encode_slot(frame, index, generation, len(frame) + fmt.TRAILER_MIN + room)
 
 
-class _Relayout:
-    """Writes a new run of slots front to back over the old ones, keeping in memory only the
-    old slots still to be copied that the next write would overwrite."""
+@dataclass
+class _Region:
+    """Slots laid out again: where they belong, where they were staged (if they were)."""
+
+    start: int
+    staged_at: int | None
+    slots: list[tuple[int, int]] = field(default_factory=list)  # (slot size, checksum)
+    length: int = 0
+
+
+class _Writer:
+    """Writes a run of new slots front to back from `base`, reading the old slots to copy
+    in batches (one lower read per run of adjacent slots, up to WRITE_CHUNK)."""
 
     def __init__(
-        self,
-        lower: RandomAccessFile,
-        start: int,
-        kept: list[int],
-        offsets: array,
-        slot_sizes: array,
+        self, lower: RandomAccessFile, base: int, kept: list[int], offsets: array
     ) -> None:
         self._lower = lower
-        self.position = start
+        self.base = self.position = base
         self._pending = bytearray()
         self._kept = kept
         self._next = 0  # first kept slot not read yet
         self._saved: dict[int, bytes] = {}
         self._offsets = offsets
-        self._slot_sizes = slot_sizes
 
     def old_slot(self, index: int) -> bytes:
         if index not in self._saved:
-            self._save_below(self._offsets[index] + 1)
+            self._read_batch()
         return self._saved.pop(index)
 
     def emit(self, slot: Bytes) -> None:
@@ -529,25 +579,26 @@ class _Relayout:
         return self.position
 
     def _write_pending(self) -> None:
-        end = self.position + len(self._pending)
-        self._save_below(end)
         if self._pending:
             self._lower.write(self.position, self._pending)
-        self.position = end
+        self.position += len(self._pending)
         self._pending = bytearray()
 
-    def _save_below(self, limit: int) -> None:
-        """Read every kept slot that starts below `limit` and is not read yet (one lower
-        read per run of adjacent slots)."""
-        wanted = []
-        while self._next < len(self._kept) and self._offsets[self._kept[self._next]] < limit:
-            wanted.append(self._kept[self._next])
+    def _read_batch(self) -> None:
+        """Read the next kept slots: adjacent ones, about WRITE_CHUNK bytes of them."""
+        first = self._kept[self._next]
+        stop = first + 1
+        self._next += 1
+        while (
+            self._next < len(self._kept)
+            and self._kept[self._next] == stop
+            and self._offsets[stop + 1] - self._offsets[first] <= WRITE_CHUNK
+        ):
+            stop += 1
             self._next += 1
-        for first, stop in _runs(wanted):
-            base = self._offsets[first]
-            raw = self._lower.read(base, self._offsets[stop] - base)
-            view = memoryview(raw)
-            for index in range(first, stop):
-                lo, hi = self._offsets[index] - base, self._offsets[index + 1] - base
-                # A short read (the file shrank) keeps what is there; the frame reads EIO.
-                self._saved[index] = bytes(view[lo:hi]).ljust(hi - lo, b"\0")
+        base = self._offsets[first]
+        view = memoryview(self._lower.read(base, self._offsets[stop] - base))
+        for index in range(first, stop):
+            lo, hi = self._offsets[index] - base, self._offsets[index + 1] - base
+            # A short read (the file shrank) keeps what is there; the frame reads EIO.
+            self._saved[index] = bytes(view[lo:hi]).ljust(hi - lo, b"\0")

@@ -50,7 +50,8 @@ IMPORT_BATCH = 32 << 20
 
 MISSING_TABLE = "missing seek table"
 CORRUPT_TABLE = "corrupt seek table"
-MISPLACED_FRAMES = "misplaced frames"
+#: Frames that are intact but not where the seek table says (a rebuild keeps them).
+TABLE_MISMATCH = "seek table mismatch"
 
 
 def check_level(level: int) -> int:
@@ -139,18 +140,15 @@ class CompressLayer(Layer):
         found = recovery.scan(lower, frame_size, self.codec)
         if table is None:
             progress(lower.size())
-        if found.torn_at is not None:
-            damage.append(
-                Damage(
-                    TRUNCATED_TAIL,
-                    f"{lower.size() - found.torn_at} bytes at the end are a cut-off part",
-                    repairable=True,
-                )
-            )
         plan = recovery.choose(found, table, frame_size)
+        if found.torn_at is not None:
+            cut = lower.size() - found.torn_at
+            kept = sum(plan.lengths)
+            detail = f"the last {cut} bytes are cut off; the repaired file ends at byte {kept}"
+            damage.append(Damage(TRUNCATED_TAIL, detail, repairable=True))
         misplaced = [n for n in bad if n in plan.picks]
         if misplaced:
-            damage.append(Damage(MISPLACED_FRAMES, "", misplaced, frame_size, repairable=True))
+            damage.append(Damage(TABLE_MISMATCH, "", misplaced, frame_size, repairable=True))
         if plan.lost:
             damage.append(Damage(BAD_BLOCKS, "", plan.lost, frame_size, repairable=True))
         return damage
