@@ -386,13 +386,20 @@ def test_a_frame_that_outgrows_its_slot_lays_the_rest_out_again_with_headroom():
     after = list(upper.table.slot_sizes)
     assert after[:3] == sizes_before[:3]
     assert all(a > b for a, b in zip(after[4:], sizes_before[4:], strict=True)), "headroom"
-    # a later rewrite of a frame with headroom that grows a little fits in place
+    # later rewrites of frames with headroom fit in place: one that grows a little, and one
+    # that grows as much as frame 3 did (the headroom follows the largest growth seen)
     more = text(F, 77)[: F // 2]
     upper.write(12 * F, more)
     model[12 * F : 12 * F + len(more)] = more
     upper.flush()
     assert decode_native(native.data) == model
     assert layer.statistics()["tail_rewrites"] == 2
+    upper.write(20 * F + 10, noise(5000, 2))
+    model[20 * F + 10 : 20 * F + 5010] = noise(5000, 2)
+    upper.flush()
+    assert decode_native(native.data) == model
+    assert layer.statistics()["tail_rewrites"] == 2
+    assert layer.statistics()["in_place_rewrites"] == 2
 
 
 def test_holes_and_zero_extension_cost_a_few_bytes_per_frame():

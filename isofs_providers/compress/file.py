@@ -14,7 +14,8 @@ too many dirty frames, encodes them and writes them out:
   the file cut after it. Until then every frame has an intact copy, old or new, that fsck's
   scan finds. Without slots to move (appends, a last frame that grew) the run is written
   where it belongs at once. When a frame that was full outgrew its slot, every slot laid out
-  again gets headroom (an eighth of its frame) so that the next rewrite likely fits;
+  again gets headroom (an eighth of its frame, or as much as the largest growth seen) so
+  that the next rewrite likely fits;
 - then the seek table: only the changed entries when the layout did not move, else whole.
 
 Everything here runs under the section lock (exclusive for writes, truncate and flush), so
@@ -51,9 +52,12 @@ INITIAL_SKIP = 16
 MAX_SKIP = 1024
 
 
-def headroom(frame_len: int, frame_size: int) -> int:
-    """Spare bytes for a slot laid out again after a rewrite outgrew its slot."""
-    return max(0, min(fmt.raw_frame_size(frame_size) - frame_len, frame_len >> 3))
+def headroom(frame_len: int, frame_size: int, growth: int = 0) -> int:
+    """Spare bytes for a slot laid out again after a rewrite outgrew its slot: an eighth of
+    the frame, or the largest growth seen in the file when that is more (but never more than
+    the frame itself, so holes stay small, nor past the raw frame, which no frame exceeds)."""
+    room = max(frame_len >> 3, min(frame_len, growth))
+    return max(0, min(fmt.raw_frame_size(frame_size) - frame_len, room))
 
 
 def _runs(indexes: Iterable[int]) -> list[tuple[int, int]]:
@@ -100,6 +104,8 @@ class CompressedFile:
         self.dirty_limit = DIRTY_LIMIT
         # incompressible-data heuristic
         self._broken = False
+        #: The largest growth of a full frame past its slot seen (sizes later headroom).
+        self._growth = 0
         self._misses = 0
         self._skip = 0
         self._next_skip = INITIAL_SKIP
@@ -379,7 +385,9 @@ class CompressedFile:
                 break
             if len(encoded[index]) + fmt.TRAILER_MIN > self._slot_sizes[index]:
                 first_move = min(first_move, index)
-                grew = grew or self._stored_length(index) == self.frame_size
+                if self._stored_length(index) == self.frame_size:
+                    grew = True
+                    self._growth = max(self._growth, self._growth_of(index, encoded[index]))
         generation = self._generation()
         kept_end = min(first_move, self._valid)
         sizes = self._slot_sizes[:kept_end]
@@ -435,6 +443,13 @@ class CompressedFile:
                 self._remember(index, bytes(self._dirty[index]))
         self._dirty.clear()
         self._layout_changed = False
+
+    def _growth_of(self, index: int, frame: Bytes) -> int:
+        """How much frame `index` grew (its old length from its trailer's last 4 bytes)."""
+        tail = self._lower.read(self._offsets[index + 1] - 4, 4)
+        trailer = int.from_bytes(tail, "little") if len(tail) == 4 else 0
+        old = self._slot_sizes[index] - trailer
+        return len(frame) - old if 0 < old <= len(frame) else 0
 
     def _move_staged(self, region: _Region, table: bytes) -> int:
         """Finish a staged layout (its table already written after the staged slots): copy
@@ -508,7 +523,7 @@ class CompressedFile:
                 if index in encoded:
                     frame: Bytes = encoded[index]
                     checksum = fmt.frame_checksum(frame)
-                    room = headroom(len(frame), self.frame_size) if grew else 0
+                    room = headroom(len(frame), self.frame_size, self._growth) if grew else 0
                     slot_size = len(frame) + fmt.TRAILER_MIN + room
                     slot = fmt.encode_slot(frame, index, generation, slot_size)
                 else:
@@ -535,7 +550,8 @@ class CompressedFile:
         except CorruptData:
             return slot
         frame = slot[: len(slot) - trailer.length]
-        room = max(trailer.length - fmt.TRAILER_MIN, headroom(len(frame), self.frame_size))
+        room = headroom(len(frame), self.frame_size, self._growth)
+        room = max(trailer.length - fmt.TRAILER_MIN, room)
         return fmt.encode_slot(frame, index, generation, len(frame) + fmt.TRAILER_MIN + room)
 
 
