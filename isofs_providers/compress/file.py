@@ -54,9 +54,11 @@ MAX_SKIP = 1024
 
 def headroom(frame_len: int, frame_size: int, growth: int = 0) -> int:
     """Spare bytes for a slot laid out again after a rewrite outgrew its slot: an eighth of
-    the frame, or the largest growth seen in the file when that is more (but never more than
-    the frame itself, so holes stay small, nor past the raw frame, which no frame exceeds)."""
-    room = max(frame_len >> 3, min(frame_len, growth))
+    the frame, or twice the largest growth seen in the file when that is more, up to half the
+    frame (holes stay small) and an eighth of the frame size (one frame turning
+    incompressible must not double the others); never past the raw frame, which no frame
+    exceeds."""
+    room = max(frame_len >> 3, min(frame_len >> 1, 2 * growth, frame_size >> 3))
     return max(0, min(fmt.raw_frame_size(frame_size) - frame_len, room))
 
 
