@@ -14,7 +14,7 @@ too many dirty frames, encodes them and writes them out:
   the file cut after it. Until then every frame has an intact copy, old or new, that fsck's
   scan finds. Without slots to move (appends, a last frame that grew) the run is written
   where it belongs at once. When a frame that was full outgrew its slot, every slot laid out
-  again gets headroom (an eighth of its frame, or as much as the largest growth seen) so
+  again gets headroom (an eighth of its frame, or twice the largest growth seen) so
   that the next rewrite likely fits;
 - then the seek table: only the changed entries when the layout did not move, else whole.
 
