@@ -10,6 +10,7 @@ both stack orders.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -430,6 +431,24 @@ def test_shrinking_then_growing_reads_zeros_not_old_bytes():
     upper.truncate(0)
     upper.flush()
     assert decode_native(native.data) == b"" and len(native.data) == 61
+
+
+def test_sizes_past_the_seekable_formats_limit_fail_with_efbig_and_change_nothing():
+    native = MemFile()
+    upper = CompressLayer(F).create(native)
+    upper.write(0, b"kept")
+    limit = (fmt.MAX_ENTRIES - 1) * F
+    for attempt in (lambda: upper.truncate(limit + 1), lambda: upper.write(limit, b"x")):
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno == errno.EFBIG
+    assert upper.size() == 4
+    upper.flush()
+    assert decode_native(native.data) == b"kept"
+    assert set(CompressLayer(F).statistics()) >= {
+        "level", "frame_size", "frames_compressed", "frames_raw", "frames_raw_untried",
+        "bytes_in", "bytes_out", "ratio",
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("level", [-5, 1, 19])

@@ -25,6 +25,7 @@ the only state reads share is the small cache of decoded frames, which has its o
 from __future__ import annotations
 
 import contextlib
+import errno
 import threading
 from array import array
 from collections.abc import Callable, Iterable
@@ -121,6 +122,11 @@ class CompressedFile:
     def _check_usable(self) -> None:
         if self._broken:
             raise CorruptData("compress: a write-out failed half-way; run isofs fsck --repair")
+
+    def _check_fits(self, size: int) -> None:
+        """EFBIG before anything changes for a size the seek table cannot describe."""
+        if fmt.frame_count(size, self.frame_size) + 1 > fmt.MAX_ENTRIES:
+            raise OSError(errno.EFBIG, "compress: file too large for the seekable format")
 
     @property
     def stored_frames(self) -> int:
@@ -260,6 +266,7 @@ class CompressedFile:
         length = len(view)
         if length == 0:
             return 0
+        self._check_fits(offset + length)
         if offset > self._size:
             self._extend(offset)
         frame = self.frame_size
@@ -314,6 +321,7 @@ class CompressedFile:
         if size == self._size:
             return
         if size > self._size:
+            self._check_fits(size)
             self._extend(size)
             return
         count = fmt.frame_count(size, self.frame_size)
@@ -374,8 +382,6 @@ class CompressedFile:
         count = fmt.frame_count(self._size, self.frame_size)
         if not self._dirty and not self._layout_changed and self._valid == self._stored == count:
             return
-        if count + 1 > fmt.MAX_ENTRIES:
-            raise OSError(27, "compress: file too large for the seekable format")  # EFBIG
         encoded = self._encode(sorted(self._dirty))
         for index in range(self._valid, count):
             if index not in encoded:
