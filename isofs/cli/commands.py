@@ -487,11 +487,17 @@ def _argv_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[
         elif isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
             optionals.append(flag)
         elif isinstance(action, argparse._AppendAction):
-            for item in value:
-                optionals += [flag, str(item)]
+            optionals += [_with_value(flag, item) for item in value]
         else:
-            optionals += [flag, str(value)]
+            optionals.append(_with_value(flag, value))
     return [*optionals, "--", *positionals]
+
+
+def _with_value(flag: str, value: object) -> str:
+    """`--flag=value` as one word: the daemon's first, lenient look at its command line
+    (which providers' flags to add) would take the value of a flag it does not know yet
+    (a provider's `--level 9`) for the source."""
+    return f"{flag}={value}" if flag.startswith("--") else f"{flag}{value}"
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

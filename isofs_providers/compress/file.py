@@ -1,0 +1,628 @@
+"""`CompressedFile`: the logical (upper) file of one compressed native (lower) file.
+
+Logical byte `x` is in frame `x // F`, and frame `i` is slot `i` of the seek table, so finding
+bytes is arithmetic; a read decompresses only the frames it touches (several in one batch
+call). Writes change frames in memory ("dirty" frames, whole logical frames); `flush()`, or
+too many dirty frames, encodes them and writes them out:
+
+- a frame whose new encoding fits its old slot is written in place, the slot's trailer
+  growing over the slack (so slack of any size, 1..7 bytes included, costs nothing);
+- from the first frame that does not fit (or the first new frame) on, the rest of the file
+  is laid out again. When old slots have to move, the new run of slots and its seek table
+  are first staged past the end of the file, with spare copies of the slots rewritten in
+  place; then the in-place writes; then the staged run is copied down over the old slots and
+  the file cut after it. Until then every frame has an intact copy, old or new, that fsck's
+  scan finds. Without slots to move (appends, a last frame that grew) the run is written
+  where it belongs at once. When a frame that was full outgrew its slot, every slot laid out
+  again gets headroom (an eighth of its frame, or twice the largest growth seen) so
+  that the next rewrite likely fits;
+- then the seek table: only the changed entries when the layout did not move, else whole.
+
+Everything here runs under the section lock (exclusive for writes, truncate and flush), so
+the only state reads share is the small cache of decoded frames, which has its own lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import threading
+from array import array
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from itertools import accumulate
+from typing import TYPE_CHECKING
+
+from isofs.provider import CorruptData, RandomAccessFile
+from isofs_providers.compress import format as fmt
+from isofs_providers.compress.codec import Bytes, Codec
+
+if TYPE_CHECKING:
+    from isofs_providers.compress.format import Header, Table
+
+#: Dirty logical bytes kept before they are encoded and written without waiting for flush().
+DIRTY_LIMIT = 8 << 20
+#: Bytes per lower write when laying out the rest of a file again.
+WRITE_CHUNK = 1 << 20
+#: Decoded frames kept for partial reads and read-modify-write (per file).
+CLEAN_FRAMES = 2
+#: Incompressible-file heuristic: after this many frames in a row that did not shrink, stop
+#: trying for a while (INITIAL_SKIP frames, doubling up to MAX_SKIP while it keeps failing).
+INCOMPRESSIBLE_RUN = 2
+INITIAL_SKIP = 16
+MAX_SKIP = 1024
+
+
+def headroom(frame_len: int, frame_size: int, growth: int = 0) -> int:
+    """Spare bytes for a slot laid out again after a rewrite outgrew its slot: an eighth of
+    the frame, or twice the largest growth seen in the file when that is more, up to half the
+    frame (holes stay small) and an eighth of the frame size (one frame turning
+    incompressible must not double the others); never past the raw frame, which no frame
+    exceeds."""
+    room = max(frame_len >> 3, min(frame_len >> 1, 2 * growth, frame_size >> 3))
+    return max(0, min(fmt.raw_frame_size(frame_size) - frame_len, room))
+
+
+def _runs(indexes: Iterable[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of sorted numbers as (first, stop)."""
+    runs: list[tuple[int, int]] = []
+    for n in indexes:
+        if runs and runs[-1][1] == n:
+            runs[-1] = (runs[-1][0], n + 1)
+        else:
+            runs.append((n, n + 1))
+    return runs
+
+
+class CompressedFile:
+    """The uncompressed view of one file in the compress format (a `RandomAccessFile`)."""
+
+    def __init__(
+        self,
+        lower: RandomAccessFile,
+        codec: Codec,
+        header: Header,
+        table: Table,
+        generation: Callable[[], int],
+    ) -> None:
+        self._lower = lower
+        self._codec = codec
+        self.frame_size = header.frame_size
+        self.header = header
+        self._generation = generation
+        self._offsets = table.offsets
+        self._slot_sizes = table.slot_sizes
+        self._checksums = table.checksums
+        #: Frames in the seek table, and the logical length of its last one.
+        self._stored = table.frames
+        self._stored_last = table.last_size
+        #: Stored frames still part of the file (a truncate drops the rest at write-out).
+        self._valid = table.frames
+        self._size = table.logical_size(self.frame_size)
+        self._dirty: dict[int, bytearray] = {}
+        #: The seek table must be written even without dirty frames (a truncate).
+        self._layout_changed = False
+        self._clean: dict[int, Bytes] = {}
+        self._clean_lock = threading.Lock()
+        self.dirty_limit = DIRTY_LIMIT
+        # incompressible-data heuristic
+        self._broken = False
+        #: The largest growth of a full frame past its slot seen (sizes later headroom).
+        self._growth = 0
+        self._misses = 0
+        self._skip = 0
+        self._next_skip = INITIAL_SKIP
+        self._compressed_any = False
+
+    # ----------------------------------------------------------------- sizes and frames
+
+    def size(self) -> int:
+        return self._size
+
+    def _check_usable(self) -> None:
+        if self._broken:
+            raise CorruptData("compress: a write-out failed half-way; run isofs fsck --repair")
+
+    def _check_fits(self, size: int) -> None:
+        """EFBIG before anything changes for a size the seek table cannot describe."""
+        if fmt.frame_count(size, self.frame_size) + 1 > fmt.MAX_ENTRIES:
+            raise OSError(errno.EFBIG, "compress: file too large for the seekable format")
+
+    @property
+    def stored_frames(self) -> int:
+        return self._stored
+
+    @property
+    def table(self) -> Table:
+        """The seek table as last written (or read)."""
+        return fmt.Table(self._offsets, self._slot_sizes, self._checksums, self._stored_last)
+
+    def _length(self, index: int, size: int | None = None) -> int:
+        """Logical bytes of frame `index` in a file of `size` (default: now)."""
+        size = self._size if size is None else size
+        return max(0, min(self.frame_size, size - index * self.frame_size))
+
+    def _stored_length(self, index: int) -> int:
+        return self.frame_size if index < self._stored - 1 else self._stored_last
+
+    # ------------------------------------------------------------------------ reading
+
+    def read(self, offset: int, size: int) -> bytes | bytearray:
+        if offset < 0 or size < 0:
+            raise ValueError("negative offset or size")
+        self._check_usable()
+        end = min(offset + size, self._size)
+        if end <= offset:
+            return b""
+        frame = self.frame_size
+        first, last = offset // frame, (end - 1) // frame
+        contents = self._contents(range(first, last + 1), partial={first, last})
+        if first == last:
+            base = first * frame
+            piece = contents[first]
+            if piece is None:
+                return bytes(end - offset)
+            return bytes(memoryview(piece)[offset - base : end - base]).ljust(end - offset, b"\0")
+        out = bytearray(end - offset)
+        for index in range(first, last + 1):
+            piece = contents[index]
+            if piece is None:
+                continue  # zeros
+            base = index * frame
+            lo, hi = max(offset, base), min(end, base + frame, base + len(piece))
+            if hi > lo:
+                out[lo - offset : hi - offset] = memoryview(piece)[lo - base : hi - base]
+        return out
+
+    def _contents(self, indexes: Iterable[int], partial: set[int]) -> dict[int, Bytes | None]:
+        """Content of each frame (None: zeros); decodes the stored ones not in memory."""
+        found: dict[int, Bytes | None] = {}
+        missing = []
+        with self._clean_lock:
+            for index in indexes:
+                if index in self._dirty:
+                    found[index] = self._dirty[index]
+                elif index >= self._valid:
+                    found[index] = None
+                elif index in self._clean:
+                    found[index] = self._clean[index]
+                else:
+                    missing.append(index)
+        if missing:
+            decoded = self.decode(missing)
+            found.update(decoded)
+            keep = [i for i in missing if i in partial]
+            if keep:
+                with self._clean_lock:
+                    for index in keep:  # a copy: a batch's segments share one buffer
+                        self._remember(index, bytes(decoded[index]))
+        return found
+
+    def _remember(self, index: int, content: Bytes) -> None:
+        """Keep a decoded frame (call with the clean lock held)."""
+        self._clean.pop(index, None)
+        self._clean[index] = content
+        while len(self._clean) > CLEAN_FRAMES:
+            del self._clean[next(iter(self._clean))]
+
+    def _forget(self, first: int, stop: int | None = None) -> None:
+        with self._clean_lock:
+            for index in list(self._clean):
+                if index >= first and (stop is None or index < stop):
+                    del self._clean[index]
+
+    def decode(self, indexes: list[int]) -> dict[int, Bytes]:
+        """Contents of stored frames (sorted indexes), read in one lower read per run of
+        adjacent slots and decompressed in one batch; CorruptData names the first bad one."""
+        frames: list[Bytes] = []
+        for first, stop in _runs(indexes):
+            base = self._offsets[first]
+            length = self._offsets[stop] - base
+            raw = memoryview(self._lower.read(base, length))
+            if len(raw) != length:
+                gone = first + sum(
+                    1 for i in range(first, stop) if self._offsets[i + 1] <= base + len(raw)
+                )
+                raise CorruptData(f"compress: frame {gone} is missing (native file shrank)")
+            for index in range(first, stop):
+                slot = raw[self._offsets[index] - base : self._offsets[index + 1] - base]
+                frames.append(self.check_slot(index, slot))
+        contents = self._codec.decompress(frames, indexes)
+        out: dict[int, Bytes] = {}
+        for index, content in zip(indexes, contents, strict=True):
+            if len(content) != self._stored_length(index):
+                raise CorruptData(f"compress: frame {index} decodes to {len(content)} bytes")
+            out[index] = content
+        return out
+
+    def check_slot(self, index: int, slot: memoryview) -> memoryview:
+        """The zstd frame of slot `index`, after checking everything but its content: the
+        trailer names this frame, the frame header claims this frame's length, its blocks
+        end exactly at the trailer, its checksum is the seek table's."""
+        try:
+            trailer = fmt.parse_trailer_at_end(slot)
+            if trailer.index != index:
+                raise CorruptData(f"its slot holds frame {trailer.index}")
+            frame = slot[: len(slot) - trailer.length]
+            expected = self._stored_length(index)
+            header = fmt.parse_frame_header(frame, 0, len(frame), expected)
+            if header.content_size != expected:
+                raise CorruptData(f"it claims {header.content_size} bytes, not {expected}")
+            if fmt.frame_extent(frame, 0, len(frame), header) != len(frame):
+                raise CorruptData("bytes between the frame and its trailer")
+            if fmt.frame_checksum(frame) != self._checksums[index]:
+                raise CorruptData("it does not match its seek table entry")
+        except CorruptData as exc:
+            raise CorruptData(f"compress: frame {index}: {exc.strerror}") from None
+        return frame
+
+    # ------------------------------------------------------------------------ writing
+
+    def write(self, offset: int, data: Bytes) -> int:
+        if offset < 0:
+            raise ValueError("negative offset")
+        self._check_usable()
+        view = memoryview(data).cast("B")
+        length = len(view)
+        if length == 0:
+            return 0
+        self._check_fits(offset + length)
+        if offset > self._size:
+            self._extend(offset)
+        frame = self.frame_size
+        end = offset + length
+        old_size = self._size
+        first, last = offset // frame, (end - 1) // frame
+        for index in range(first, last + 1):
+            base = index * frame
+            lo, hi = max(offset, base) - base, min(end, base + frame) - base
+            piece = view[base + lo - offset : base + hi - offset]
+            buf = self._dirty.get(index)
+            if buf is None:
+                old_length = self._length(index, old_size)
+                if lo == 0 and hi >= old_length:
+                    self._dirty[index] = bytearray(piece)
+                    continue
+                buf = self._editable(index, old_length)
+            buf[lo:hi] = piece
+        self._size = max(old_size, end)
+        self._forget(first, last + 1)
+        if len(self._dirty) * frame > self.dirty_limit:
+            self._write_out()
+        return length
+
+    def _editable(self, index: int, length: int) -> bytearray:
+        """A dirty copy of frame `index` (its `length` current bytes) to change in place."""
+        if index < self._valid:
+            buf = bytearray(self._contents([index], partial=set())[index] or b"")
+            del buf[length:]
+        else:
+            buf = bytearray(length)
+        self._dirty[index] = buf
+        return buf
+
+    def _extend(self, new_size: int) -> None:
+        """Grow to `new_size` with zeros: the old partial last frame is padded in memory;
+        frames past the stored ones read as zeros and are written as zero frames."""
+        old = self._size
+        frame = self.frame_size
+        index, rest = divmod(old, frame)
+        if rest and (index in self._dirty or index < self._valid):
+            buf = self._dirty.get(index) or self._editable(index, rest)
+            buf.extend(bytes(min(frame, new_size - index * frame) - len(buf)))
+            self._forget(index, index + 1)
+        self._size = new_size
+        self._layout_changed = True
+
+    def truncate(self, size: int) -> None:
+        if size < 0:
+            raise ValueError("negative size")
+        self._check_usable()
+        if size == self._size:
+            return
+        if size > self._size:
+            self._check_fits(size)
+            self._extend(size)
+            return
+        count = fmt.frame_count(size, self.frame_size)
+        for index in [i for i in self._dirty if i >= count]:
+            del self._dirty[index]
+        rest = size % self.frame_size
+        if rest:
+            index = count - 1
+            buf = self._dirty.get(index)
+            if buf is not None:
+                del buf[rest:]
+            elif index < self._valid:
+                self._editable(index, rest)
+        self._valid = min(self._valid, count)
+        self._forget(max(0, count - 1))
+        self._size = size
+        self._layout_changed = True
+
+    def flush(self) -> None:
+        self._check_usable()
+        self._write_out()
+        with self._clean_lock:
+            self._clean.clear()  # an idle file keeps no decoded frames
+        self._lower.flush()
+
+    # ---------------------------------------------------------------------- write-out
+
+    def _encode(self, indexes: list[int]) -> dict[int, Bytes]:
+        """New frames for dirty frames, trying zstd unless the file looks incompressible."""
+        items = [(i, self._dirty[i]) for i in indexes]
+        out: dict[int, Bytes] = {}
+        pos = 0
+        while pos < len(items):
+            if self._skip:
+                for index, data in items[pos : pos + self._skip]:
+                    out[index] = self._codec.store_raw(data)
+                    self._skip -= 1
+                    pos += 1
+                continue
+            probing = self._misses or not self._compressed_any
+            group = items[pos : pos + 1] if probing else items[pos:]
+            for (index, _), (encoded, packed) in zip(
+                group, self._codec.compress([data for _, data in group]), strict=True
+            ):
+                out[index] = encoded
+                if packed:
+                    self._misses, self._next_skip, self._compressed_any = 0, INITIAL_SKIP, True
+                else:
+                    self._misses += 1
+            if self._misses >= INCOMPRESSIBLE_RUN:
+                self._skip, self._misses = self._next_skip, 0
+                self._next_skip = min(MAX_SKIP, 2 * self._next_skip)
+            pos += len(group)
+        return out
+
+    def _write_out(self) -> None:
+        """Encode dirty frames and write them, then the seek table (module doc)."""
+        count = fmt.frame_count(self._size, self.frame_size)
+        if not self._dirty and not self._layout_changed and self._valid == self._stored == count:
+            return
+        encoded = self._encode(sorted(self._dirty))
+        for index in range(self._valid, count):
+            if index not in encoded:
+                encoded[index] = self._codec.zero_frame(self._length(index))
+        first_move, grew = count, False
+        for index in sorted(encoded):
+            if index >= self._valid:
+                first_move = min(first_move, index)
+                break
+            if len(encoded[index]) + fmt.TRAILER_MIN > self._slot_sizes[index]:
+                first_move = min(first_move, index)
+                if self._stored_length(index) == self.frame_size:
+                    grew = True
+                    self._growth = max(self._growth, self._growth_of(index, encoded[index]))
+        generation = self._generation()
+        kept_end = min(first_move, self._valid)
+        sizes = self._slot_sizes[:kept_end]
+        checksums = self._checksums[:kept_end]
+        for index in range(kept_end):
+            if index in encoded:
+                checksums[index] = fmt.frame_checksum(encoded[index])
+        region: _Region | None = None
+        if first_move < count:
+            region = self._lay_out(first_move, count, encoded, grew, generation)
+            for slot_size, checksum in region.slots:
+                sizes.append(slot_size)
+                checksums.append(checksum)
+        lengths = array("I", [self.frame_size]) * count
+        if count:
+            lengths[-1] = self._length(count - 1)
+        in_place = [i for i in sorted(encoded) if i < first_move]
+        table_at = self._offsets[kept_end] + (region.length if region else 0)
+        written = region.length if region else 0
+        if region is None and count == self._stored:
+            written += self._write_in_place(in_place, encoded, generation)
+            written += self._update_entries(in_place, sizes, lengths, checksums, table_at)
+        else:
+            table = fmt.encode_table(
+                array("I", [fmt.HEADER_SIZE]) + sizes,
+                array("I", [0]) + lengths,
+                array("I", [fmt.EMPTY_CHECKSUM]) + checksums,
+            )
+            if region is not None and region.staged_at is not None:
+                # The table goes after the staged slots, and after it spare copies of the
+                # slots rewritten in place: a kill while one is written leaves its copy.
+                spare = b"".join(
+                    fmt.encode_slot(encoded[i], i, generation, len(encoded[i]) + fmt.TRAILER_MIN)
+                    for i in in_place
+                )
+                self._lower.write(region.staged_at + region.length, table + spare)
+                written += len(table) + len(spare)
+                written += self._write_in_place(in_place, encoded, generation)
+                written += self._move_staged(region, table)
+            else:
+                written += self._write_in_place(in_place, encoded, generation)
+                self._lower.write(table_at, table)
+                written += len(table)
+            if self._lower.size() > table_at + len(table):
+                self._lower.truncate(table_at + len(table))
+        self._codec.stats.add(lower_bytes_written=written)
+        self._slot_sizes, self._checksums = sizes, checksums
+        self._offsets = array("Q", accumulate(sizes, initial=fmt.HEADER_SIZE))
+        self._stored = self._valid = count
+        self._stored_last = self._length(count - 1) if count else 0
+        with self._clean_lock:
+            for index in sorted(self._dirty)[-CLEAN_FRAMES:]:
+                self._remember(index, bytes(self._dirty[index]))
+        self._dirty.clear()
+        self._layout_changed = False
+
+    def _growth_of(self, index: int, frame: Bytes) -> int:
+        """How much frame `index` grew (its old length from its trailer's last 4 bytes)."""
+        tail = self._lower.read(self._offsets[index + 1] - 4, 4)
+        trailer = int.from_bytes(tail, "little") if len(tail) == 4 else 0
+        old = self._slot_sizes[index] - trailer
+        return len(frame) - old if 0 < old <= len(frame) else 0
+
+    def _move_staged(self, region: _Region, table: bytes) -> int:
+        """Finish a staged layout (its table already written after the staged slots): copy
+        both down to where they belong, front to back (a copy never overwrites bytes it has
+        not read yet, nor its own source: each step is at most the distance moved)."""
+        assert region.staged_at is not None
+        source, dest = region.staged_at, region.start
+        total = region.length + len(table)
+        step = max(1, min(WRITE_CHUNK, source - dest))
+        try:
+            for offset in range(0, total, step):
+                length = min(step, total - offset)
+                chunk = self._lower.read(source + offset, length)
+                if len(chunk) != length:
+                    raise CorruptData("compress: the staged copy shrank while it was moved")
+                self._lower.write(dest + offset, chunk)
+        except BaseException:
+            # Old slots are partly overwritten now; only a scan (fsck) can tell old from new.
+            self._broken = True
+            raise
+        self._codec.stats.add(tail_bytes=total)
+        return total
+
+    def _write_in_place(
+        self, indexes: list[int], encoded: dict[int, Bytes], generation: int
+    ) -> int:
+        """Write frames into their own slots (adjacent slots in one write); bytes written."""
+        written = 0
+        for first, stop in _runs(indexes):
+            blob = b"".join(
+                fmt.encode_slot(encoded[i], i, generation, self._slot_sizes[i])
+                for i in range(first, stop)
+            )
+            self._lower.write(self._offsets[first], blob)
+            written += len(blob)
+        self._codec.stats.add(in_place_rewrites=len(indexes))
+        return written
+
+    def _update_entries(
+        self, indexes: list[int], sizes: array, lengths: array, checksums: array, table_at: int
+    ) -> int:
+        """Rewrite only the seek table entries of frames rewritten in place."""
+        written = 0
+        for first, stop in _runs(indexes):
+            blob = b"".join(
+                fmt.encode_entry(sizes[i], lengths[i], checksums[i]) for i in range(first, stop)
+            )
+            self._lower.write(table_at + fmt.entry_offset(first), blob)
+            written += len(blob)
+        return written
+
+    def _lay_out(
+        self, first: int, count: int, encoded: dict[int, Bytes], grew: bool, generation: int
+    ) -> _Region:
+        """Write slots first..count-1 for their new place at slot `first`'s offset.
+
+        When old slots must move (kept frames after the first one that changed), the new
+        slots are staged past the end of the file first, so that until `_move_staged` copies
+        them down every frame has an intact copy (old or new) somewhere in the file; a
+        failure while staging cuts the file back to what it was. Without kept slots (appends,
+        a last frame that grew) they are written in place at once.
+        """
+        start = self._offsets[min(first, self._valid)]
+        kept = [i for i in range(first, self._valid) if i not in encoded]
+        staged_at = self._lower.size() if kept else None
+        writer = _Writer(self._lower, start if staged_at is None else staged_at, kept,
+                         self._offsets)  # fmt: skip
+        region = _Region(start, staged_at)
+        try:
+            for index in range(first, count):
+                if index in encoded:
+                    frame: Bytes = encoded[index]
+                    checksum = fmt.frame_checksum(frame)
+                    room = headroom(len(frame), self.frame_size, self._growth) if grew else 0
+                    slot_size = len(frame) + fmt.TRAILER_MIN + room
+                    slot = fmt.encode_slot(frame, index, generation, slot_size)
+                else:
+                    slot = writer.old_slot(index)
+                    checksum = self._checksums[index]
+                    if grew:
+                        slot = self._with_headroom(index, slot, generation)
+                writer.emit(slot)
+                region.slots.append((len(slot), checksum))
+            region.length = writer.finish() - writer.base
+        except BaseException:
+            if staged_at is not None:  # nothing of the old layout changed: undo the staging
+                with contextlib.suppress(OSError):
+                    self._lower.truncate(staged_at)
+            raise
+        self._codec.stats.add(tail_rewrites=1, tail_bytes=region.length)
+        return region
+
+    def _with_headroom(self, index: int, slot: bytes, generation: int) -> bytes:
+        """A kept slot with a trailer padded for growth; a damaged slot is kept as it is
+        (its frame stays unreadable, the rest of the file is unaffected)."""
+        try:
+            trailer = fmt.parse_trailer_at_end(memoryview(slot))
+        except CorruptData:
+            return slot
+        frame = slot[: len(slot) - trailer.length]
+        room = headroom(len(frame), self.frame_size, self._growth)
+        room = max(trailer.length - fmt.TRAILER_MIN, room)
+        return fmt.encode_slot(frame, index, generation, len(frame) + fmt.TRAILER_MIN + room)
+
+
+@dataclass
+class _Region:
+    """Slots laid out again: where they belong, where they were staged (if they were)."""
+
+    start: int
+    staged_at: int | None
+    slots: list[tuple[int, int]] = field(default_factory=list)  # (slot size, checksum)
+    length: int = 0
+
+
+class _Writer:
+    """Writes a run of new slots front to back from `base`, reading the old slots to copy
+    in batches (one lower read per run of adjacent slots, up to WRITE_CHUNK)."""
+
+    def __init__(
+        self, lower: RandomAccessFile, base: int, kept: list[int], offsets: array
+    ) -> None:
+        self._lower = lower
+        self.base = self.position = base
+        self._pending = bytearray()
+        self._kept = kept
+        self._next = 0  # first kept slot not read yet
+        self._saved: dict[int, bytes] = {}
+        self._offsets = offsets
+
+    def old_slot(self, index: int) -> bytes:
+        if index not in self._saved:
+            self._read_batch()
+        return self._saved.pop(index)
+
+    def emit(self, slot: Bytes) -> None:
+        self._pending += slot
+        if len(self._pending) >= WRITE_CHUNK:
+            self._write_pending()
+
+    def finish(self) -> int:
+        self._write_pending()
+        return self.position
+
+    def _write_pending(self) -> None:
+        if self._pending:
+            self._lower.write(self.position, self._pending)
+        self.position += len(self._pending)
+        self._pending = bytearray()
+
+    def _read_batch(self) -> None:
+        """Read the next kept slots: adjacent ones, about WRITE_CHUNK bytes of them."""
+        first = self._kept[self._next]
+        stop = first + 1
+        self._next += 1
+        while (
+            self._next < len(self._kept)
+            and self._kept[self._next] == stop
+            and self._offsets[stop + 1] - self._offsets[first] <= WRITE_CHUNK
+        ):
+            stop += 1
+            self._next += 1
+        base = self._offsets[first]
+        view = memoryview(self._lower.read(base, self._offsets[stop] - base))
+        for index in range(first, stop):
+            lo, hi = self._offsets[index] - base, self._offsets[index + 1] - base
+            # A short read (the file shrank) keeps what is there; the frame reads EIO.
+            self._saved[index] = bytes(view[lo:hi]).ljust(hi - lo, b"\0")
