@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from isofs import maintenance
+from isofs.cli.passphrases import InteractiveSecrets
 from isofs.core.sections import NativeFile
 from isofs.daemon import runtime
 from isofs.provider import CorruptData, SetupRequest, Stack
-from isofs.secret_sources import InteractiveSecrets
 from isofs.source import init_source, load_stack, meta_dir_of
 from isofs_providers.compress import CompressLayer
 from isofs_providers.compress import format as fmt
