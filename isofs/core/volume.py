@@ -992,6 +992,7 @@ class Volume:
             "per_view_files": self.per_view_files,
             "policy": self.policy.describe(),
             "stack": [type(layer).__name__ for layer in self.stack.layers],
+            "layers": self.stack.statistics(),
             "requests_per_view": dict(self.view_requests),
             "callers_per_view": self.callers_seen,
             "callers": asdict(resolver) if resolver is not None else None,

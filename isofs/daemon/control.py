@@ -105,6 +105,10 @@ def format_status(status: dict[str, Any]) -> str:
         f"({cache['hits']} hits, {cache['misses']} misses, {cache['evictions']} evictions)",
         "size cache: " + ", ".join(f"{k} {v}" for k, v in sizes.items()),
     ]
+    for layer in status.get("layers", []):
+        figures = {k: v for k, v in layer.items() if k != "layer"}
+        if figures:
+            lines.append(f"{layer['layer']}: " + ", ".join(f"{k} {v}" for k, v in figures.items()))
     for section in status["sections"][:20]:
         lines.append(
             f"  section {section['file']} ({section['view']} view): size {section['size']}, "
