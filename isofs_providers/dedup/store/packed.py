@@ -16,13 +16,15 @@ transaction, and only then deletes the old pack.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -65,8 +67,18 @@ def crash_point(step: str) -> None:
         crash_hook(step)
 
 
+class RemoteUnavailable(OSError):
+    """The final place of packs (an object store) cannot be reached or refused a request."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+
 class StoreBusy(OSError):
     """Another garbage collection or index rebuild holds the store's maintenance lock."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EBUSY, message)
 
 
 class MissingChunks(MissingChunk):
@@ -95,6 +107,7 @@ class Pending:
 class OpenPack:
     writer: PackWriter
     num: int
+    since: float = field(default_factory=time.monotonic)
 
 
 def batched(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
@@ -161,6 +174,10 @@ class PackedStore(ChunkStore):
                 )
             try:
                 data = self._read_record(location)
+            except RemoteUnavailable as exc:
+                raise MissingChunk(
+                    f"chunk {short(chunk_id)} in {where}: {exc.strerror}"
+                ) from None
             except FileNotFoundError:
                 moved = self._locate(chunk_id)  # gc moved it meanwhile?
                 if moved == location:
@@ -329,6 +346,7 @@ class PackedStore(ChunkStore):
                     else:
                         self._open.writer.close()
                     self._open = None
+            self._before_release()
         finally:
             self._closed = True
             with self._fd_lock:
@@ -412,6 +430,24 @@ class PackedStore(ChunkStore):
 
     def _sealed(self, num: int) -> None:
         """A pack was sealed and its state committed (the S3 store queues its upload)."""
+
+    def _before_release(self) -> None:
+        """At close, after the last seal, before the index closes (S3: drain uploads)."""
+
+    def seal_open_pack(self, older_than: float = 0.0) -> bool:
+        """Commit and seal the open pack if it holds records and was opened more than
+        `older_than` seconds ago (so its chunks can reach their final place)."""
+        with self._lock:
+            target = self._open
+            if target is None or target.writer.end <= HEADER_SIZE:
+                return False
+            if time.monotonic() - target.since < older_than:
+                return False
+            self.commit()
+            if self._open is target:
+                self._open = None
+                self._seal(target)
+            return True
 
     # ------------------------------------------------------------------ internals
 
@@ -597,17 +633,23 @@ class PackedStore(ChunkStore):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
-    def _finish_delete(self, num: int, name: str) -> None:
-        """Second half of deleting a pack no row points into: file, remote copy, its row."""
+    def _finish_delete(self, num: int, name: str) -> bool:
+        """Second half of deleting a pack no row points into: file, remote copy, its row.
+        False when the remote copy cannot be deleted now (the row stays, state deleting)."""
         if self.index.chunk_count_in(num):
             log.warning("pack %s marked for deletion still holds chunks: kept", name)
             self.index.set_pack_state(num, SEALED)
-            return
+            return False
         self._forget_fd(name)
-        self._remote_delete(name)
+        try:
+            self._remote_delete(name)
+        except RemoteUnavailable as exc:
+            log.warning("pack %s: remote copy not deleted yet: %s", name, exc)
+            return False
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.pack_dir / name)
         self.index.delete_pack(num)
+        return True
 
     def _fd(self, name: str) -> int:
         with self._fd_lock:
@@ -666,7 +708,7 @@ class PackedStore(ChunkStore):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise StoreBusy(
-                    0, f"chunk store {self.directory}: another gc or rebuild is running"
+                    f"chunk store {self.directory}: another gc or rebuild is running"
                 ) from None
             yield
         finally:
