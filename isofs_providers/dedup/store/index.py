@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     length INTEGER NOT NULL,
     size INTEGER NOT NULL,
     refcount INTEGER NOT NULL DEFAULT 0,
-    generation INTEGER NOT NULL DEFAULT 0
+    generation INTEGER NOT NULL DEFAULT 0,
+    referenced_at REAL NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_by_pack ON chunks (pack);
 """

@@ -149,6 +149,8 @@ class PackedStore(ChunkStore):
 
     #: Seal the open pack at close (and orphans at open), so it can go to its final place.
     seal_on_close = False
+    #: Seconds before a collection's start within which a counted reference still protects.
+    gc_grace = 2.0
 
     # ------------------------------------------------------------------ interface
 
@@ -247,8 +249,9 @@ class PackedStore(ChunkStore):
                     self._pending[chunk_id].refs += count
                     continue
                 cursor = db.execute(
-                    "UPDATE chunks SET refcount = refcount + ?, generation = ? WHERE id = ?",
-                    (count, generation, chunk_id),
+                    "UPDATE chunks SET refcount = refcount + ?, generation = ?, referenced_at = ? "
+                    "WHERE id = ?",
+                    (count, generation, time.time(), chunk_id),
                 )
                 if cursor.rowcount == 0:
                     missing.append(chunk_id)
@@ -282,7 +285,13 @@ class PackedStore(ChunkStore):
         progress: Callable[[int], Any],
         *,
         repack_dead_share: float = 0.3,
+        grace: float | None = None,
     ) -> GarbageReport:
+        """See ChunkStore. Besides chunks referenced since the collection began, a chunk
+        with references counted that was referenced less than `grace` seconds before it
+        began is kept too: its writer may be between `reference` and writing the manifest
+        that a walk of manifests which started meanwhile has already passed."""
+        grace = self.gc_grace if grace is None else grace
         if not 0.0 <= repack_dead_share <= 1.0:
             raise ValueError(f"repack_dead_share must be within 0..1, not {repack_dead_share}")
         with self._maintenance():
@@ -292,10 +301,11 @@ class PackedStore(ChunkStore):
             with self.index.transaction() as db:
                 generation = self._generation(db) + 1
                 self.index.set_meta(db, "generation", generation)
+                cutoff = time.time() - grace
             db = self.index.connection()
             try:
                 self._mark(db, live, progress, report)
-                self._sweep(db, generation, report)
+                self._sweep(generation, cutoff, report)
             finally:
                 db.execute("DROP TABLE IF EXISTS temp.gc_live")
             self._repack(repack_dead_share, report)
@@ -393,8 +403,8 @@ class PackedStore(ChunkStore):
                     live = 0
                     for chunk_id, offset, length, logical in entries:
                         cursor = db.execute(
-                            "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, 0, ?)",
-                            (chunk_id, num, offset, length, logical, generation),
+                            "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+                            (chunk_id, num, offset, length, logical, generation, time.time()),
                         )
                         if cursor.rowcount:
                             live += length
@@ -500,7 +510,8 @@ class PackedStore(ChunkStore):
             generation = self._generation(db)
             for chunk_id in present:
                 cursor = db.execute(
-                    "UPDATE chunks SET generation = ? WHERE id = ?", (generation, chunk_id)
+                    "UPDATE chunks SET generation = ?, referenced_at = ? WHERE id = ?",
+                    (generation, time.time(), chunk_id),
                 )
                 if cursor.rowcount:
                     touched.add(chunk_id)
@@ -534,19 +545,21 @@ class PackedStore(ChunkStore):
         dead: Counter[int] = Counter()
         with self.index.transaction() as db:
             generation = self._generation(db)
+            now = time.time()
             for chunk_id, p in self._pending.items():
                 cursor = db.execute(
-                    "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (chunk_id, p.pack, p.offset, p.length, p.size, max(p.refs, 0), generation),
-                )
+                    "INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (chunk_id, p.pack, p.offset, p.length, p.size, max(p.refs, 0), generation,
+                     now),
+                )  # fmt: skip
                 if cursor.rowcount:
                     live[p.pack] += p.length
                     continue
                 dead[p.pack] += p.length  # another process stored the same chunk meanwhile
                 db.execute(
-                    "UPDATE chunks SET refcount = max(refcount + ?, 0), generation = ? "
-                    "WHERE id = ?",
-                    (p.refs, generation, chunk_id),
+                    "UPDATE chunks SET refcount = max(refcount + ?, 0), generation = ?, "
+                    "referenced_at = ? WHERE id = ?",
+                    (p.refs, generation, now, chunk_id),
                 )
             for num in live.keys() | dead.keys():
                 db.execute(
@@ -576,7 +589,11 @@ class PackedStore(ChunkStore):
             name = path.name
             if name in known:
                 continue
-            if name.startswith(TEMP_PREFIX) or len(name) == 32:
+            # a pack file the index does not know may be all that is left of a lost index
+            # (rebuild_index adopts it): only unheld temporaries and header-only packs go
+            if name.startswith(TEMP_PREFIX) or (
+                len(name) == 32 and path.stat().st_size <= HEADER_SIZE
+            ):
                 self._unlink_if_unheld(path)
         for row in known.values():
             if row.state == DELETING:
@@ -746,20 +763,20 @@ class PackedStore(ChunkStore):
             ).fetchone()[0]
         )
 
-    def _sweep(self, db: Any, generation: int, report: GarbageReport) -> None:
-        """Delete unmarked chunks not referenced since the collection began, in one
-        transaction that also moves their bytes to their packs' dead bytes."""
+    def _sweep(self, generation: int, cutoff: float, report: GarbageReport) -> None:
+        """Delete unmarked chunks not referenced since the collection began (nor, with
+        references counted, since `cutoff`), in one transaction that also moves their bytes
+        to their packs' dead bytes."""
+        garbage = (
+            "generation < ? AND (refcount <= 0 OR referenced_at < ?) "
+            "AND id NOT IN (SELECT id FROM temp.gc_live)"
+        )
         with self.index.transaction() as tx:
             freed = tx.execute(
-                "SELECT pack, count(*), sum(length) FROM chunks WHERE generation < ? "
-                "AND id NOT IN (SELECT id FROM temp.gc_live) GROUP BY pack",
-                (generation,),
+                f"SELECT pack, count(*), sum(length) FROM chunks WHERE {garbage} GROUP BY pack",
+                (generation, cutoff),
             ).fetchall()
-            tx.execute(
-                "DELETE FROM chunks WHERE generation < ? "
-                "AND id NOT IN (SELECT id FROM temp.gc_live)",
-                (generation,),
-            )
+            tx.execute(f"DELETE FROM chunks WHERE {garbage}", (generation, cutoff))
             for pack, count, length in freed:
                 tx.execute(
                     "UPDATE packs SET live_bytes = live_bytes - ?, dead_bytes = dead_bytes + ? "
