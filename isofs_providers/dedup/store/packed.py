@@ -104,6 +104,21 @@ class Pending:
 
 
 @dataclass
+class _Handle:
+    """A cached pack descriptor and how many readers use it now (guarded by the fd lock)."""
+
+    fd: int
+    users: int = 0
+    retired: bool = False
+
+    def retire(self) -> None:
+        self.retired = True
+        if self.users == 0 and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
 class OpenPack:
     writer: PackWriter
     num: int
@@ -142,7 +157,7 @@ class PackedStore(ChunkStore):
         self._open: OpenPack | None = None
         self._full: list[OpenPack] = []
         self._pending: dict[bytes, Pending] = {}
-        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._fds: OrderedDict[str, _Handle] = OrderedDict()
         self._fd_lock = threading.Lock()
         self._closed = False
         self._recover(seal_orphans=self.seal_on_close)
@@ -360,8 +375,8 @@ class PackedStore(ChunkStore):
         finally:
             self._closed = True
             with self._fd_lock:
-                for fd in self._fds.values():
-                    os.close(fd)
+                for handle in self._fds.values():
+                    handle.retire()
                 self._fds.clear()
             self.index.close()
 
@@ -668,36 +683,42 @@ class PackedStore(ChunkStore):
         self.index.delete_pack(num)
         return True
 
-    def _fd(self, name: str) -> int:
+    @contextlib.contextmanager
+    def _pack_fd(self, name: str) -> Iterator[int]:
+        """A read descriptor of a local pack, cached; never closed while a reader uses it
+        (the uploader or gc may retire it meanwhile)."""
         with self._fd_lock:
-            fd = self._fds.get(name)
-            if fd is not None:
+            handle = self._fds.get(name)
+            if handle is None:
+                handle = _Handle(os.open(self.pack_dir / name, os.O_RDONLY | os.O_CLOEXEC))
+                self._fds[name] = handle
+                while len(self._fds) > OPEN_FDS:
+                    _, old = self._fds.popitem(last=False)
+                    old.retire()
+            else:
                 self._fds.move_to_end(name)
-                return fd
-        fd = os.open(self.pack_dir / name, os.O_RDONLY | os.O_CLOEXEC)
-        with self._fd_lock:
-            if name in self._fds:
-                os.close(fd)
-                return self._fds[name]
-            self._fds[name] = fd
-            while len(self._fds) > OPEN_FDS:
-                _, old = self._fds.popitem(last=False)
-                os.close(old)
-        return fd
+            handle.users += 1
+        try:
+            yield handle.fd
+        finally:
+            with self._fd_lock:
+                handle.users -= 1
+                if handle.retired:
+                    handle.retire()
 
     def _forget_fd(self, name: str) -> None:
         with self._fd_lock:
-            fd = self._fds.pop(name, None)
-        if fd is not None:
-            os.close(fd)
+            handle = self._fds.pop(name, None)
+            if handle is not None:
+                handle.retire()
 
     def _read_raw(self, name: str, offset: int, length: int) -> bytes:
         """Bytes of a pack, from the local copy when there is one, else its final place."""
         try:
-            fd = self._fd(name)
+            with self._pack_fd(name) as fd:
+                return pread_exact(fd, length, offset)
         except FileNotFoundError:
             return self._remote_read(name, offset, length)
-        return pread_exact(fd, length, offset)
 
     def _read_record(self, location: Location) -> bytes:
         return self._read_raw(location.pack_name, location.offset, location.length)

@@ -12,7 +12,9 @@ back-off; `statistics()` shows the backlog and the last error.
 
 Credentials come from boto3's standard chain (AWS_* environment variables, ~/.aws files,
 instance roles); nothing about them is written to `staging`. `PREFIX/store.json` names the
-store that owns the prefix, so two sources never share (and garbage-collect) one prefix.
+store that owns the prefix, so two sources never share (and garbage-collect) one prefix; a
+fresh index takes over an existing store only when asked (`adopt_existing`, to rebuild a lost
+index from the bucket).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class S3Store(PackedStore):
         connect_timeout: float = 3.0,
         read_timeout: float = 30.0,
         create_bucket: bool = True,
+        adopt_existing: bool = False,
     ) -> None:
         import boto3
         from botocore.config import Config
@@ -86,6 +89,7 @@ class S3Store(PackedStore):
         self.retry_max = retry_max
         self.close_timeout = close_timeout
         self.create_bucket = create_bucket
+        self.adopt_existing = adopt_existing
         self._client = boto3.session.Session().client(
             "s3",
             endpoint_url=endpoint_url,
@@ -115,7 +119,12 @@ class S3Store(PackedStore):
         )
         self._uploader: threading.Thread | None = None
         super().__init__(staging, key=key, level=level, pack_size=pack_size)
-        self._ensure_remote(quiet=True)
+        try:
+            self._ensure_remote(quiet=True)
+        except BaseException:
+            self._pool.shutdown(wait=False)
+            self.index.close()
+            raise
         self._uploader = threading.Thread(
             target=self._upload_loop, name="isofs-s3-uploader", daemon=True
         )
@@ -250,12 +259,13 @@ class S3Store(PackedStore):
             if not isinstance(remote, dict) or remote.get("format") != STORE_FORMAT:
                 raise CorruptData(f"{self.url}: {STORE_OBJECT} is not an isofs dedup store")
             remote_id = str(remote.get("store_id"))
-            if local_id is None and not self.index.packs():
+            if local_id is None and self.adopt_existing and not self.index.packs():
                 with self.index.transaction() as db:  # a new index for an existing store
                     self.index.set_meta(db, "store_id", remote_id)
             elif remote_id != local_id:
                 raise CorruptData(
-                    f"{self.url} holds another source's chunk store (store id {remote_id})"
+                    f"{self.url} holds another source's chunk store (store id {remote_id}); "
+                    "to rebuild a lost index for it, open it with adopt_existing"
                 )
         self._remote_checked = True
         return True
