@@ -236,12 +236,12 @@ def test_engine_stopped_and_restarted_under_load(open_store, s3) -> None:
     def writer() -> None:
         n = 1000
         try:
-            while not stop.is_set():
+            while not stop.is_set() and len(written) < 600:
                 blobs = [checks.content(n + k, 20_000) for k in range(4)]
                 ids = checks.put_committed(store, blobs)
                 written.extend(zip(ids, blobs, strict=True))
                 n += 4
-                time.sleep(0.01)
+                time.sleep(0.05)
         except BaseException as exc:
             errors.append(exc)
 
