@@ -193,7 +193,11 @@ def test_rebuild_index_from_packs(open_store, tmp_path: Path) -> None:
     ids = checks.put_committed(store, blobs)
     store.close()  # the last pack stays open (unsealed): rebuilt by scanning
     store_dir = tmp_path / "a" / "dedup"
-    sealed = [p for p in pack_files(store) if p.stat().st_size > 0]
+    def is_sealed(path: Path) -> bool:
+        data = path.read_bytes()
+        return packfmt.has_valid_footer(lambda off, n: data[off : off + n], len(data), "")
+
+    sealed = [p for p in pack_files(store) if is_sealed(p)]
     assert len(sealed) >= 3
     # one sealed pack loses its trailer's checksum: the rebuild scans it instead
     victim = sealed[0]
