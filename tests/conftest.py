@@ -413,3 +413,37 @@ def _run_in_process(fn: Callable[..., Any], *args: Any, timeout: float = 60.0) -
 def run_in_process() -> Callable[..., Any]:
     """``run_in_process(fn, *args)``: fn runs in another process (fn and result picklable)."""
     return _run_in_process
+
+
+# -------------------------------------------------------------------- the S3 engine
+
+
+@pytest.fixture(scope="session")
+def s3_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real S3 engine (Ceph RGW, tests/s3engine.py) for the whole session, stopped at the
+    end even when tests fail. If it cannot start here, the tests that need it fail."""
+    from s3engine import EngineError, S3Engine
+
+    try:
+        engine = S3Engine.start(tmp_path_factory.mktemp("s3engine"))
+    except EngineError as exc:
+        pytest.fail(f"the S3 test engine did not start: {exc}", pytrace=False)
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture
+def s3(s3_engine: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The session's S3 engine with its gateway up and its user's keys in AWS_* variables
+    (boto3's standard chain); a test that stops the gateway gets it restarted after."""
+    if not s3_engine.gateway_answers():
+        s3_engine.start_gateway()
+    for name, value in s3_engine.environment().items():
+        monkeypatch.setenv(name, value)
+    try:
+        yield s3_engine
+    finally:
+        if not s3_engine.gateway_answers():
+            s3_engine.start_gateway()
