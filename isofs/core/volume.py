@@ -162,6 +162,8 @@ class Volume:
         transform = self.stack.name_transform
         self.names = ViewNames(transform) if transform is not None else None
         self.is_root_daemon = os.geteuid() == 0
+        #: What a new native object is created with (chown is needed only for other ids).
+        self._own_ids = (os.geteuid(), os.getegid())
         try:  # its entry must never be cached: one view may see it, another must not
             meta = native.stat_at(root_fd, META_DIR_NAME)
             self.meta_key: tuple[int, int] | None = (meta.st_dev, meta.st_ino)
@@ -387,8 +389,8 @@ class Volume:
         chown clears setuid/setgid, so a mode asking for them is applied again afterwards,
         setgid only where the kernel would keep it (caller root or in the file's group).
         """
-        if not self.is_root_daemon:
-            return
+        if not self.is_root_daemon or (caller.uid, caller.gid) == self._own_ids:
+            return  # created with the daemon's ids, which are the caller's: nothing to change
         parent_mode = native.fstat(parent.path_fd).st_mode
         gid = -1 if parent_mode & stat.S_ISGID else caller.gid
         native.chown_at(parent.path_fd, name, caller.uid, gid)
@@ -780,7 +782,8 @@ class Volume:
         """A section changed its native file: the other views must not trust their caches."""
         inode = self.inodes.find(number)
         if inode is not None:
-            self._after_change(inode, view)
+            section = self.sections.get((number, view))  # it has just taken the validators
+            self._after_change(inode, view, section.validators if section else None)
             return
         for section in self._sections_of(number, but=view):
             section.mark_stale()
@@ -807,14 +810,19 @@ class Volume:
         for section in self._sections_of(inode.number):
             await section.flush()
 
-    def _after_change(self, inode: Inode, view: str) -> None:
+    def _after_change(
+        self, inode: Inode, view: str, now: native.Validators | None = None
+    ) -> None:
         """Native bytes of `inode` changed through `view`: make every other view fresh.
 
         Other views' sections reload before their next read or write; their kernel caches are
         invalidated now, and no longer count as current for keep_cache at the next open.
+        `now`: the native validators after the change, when the caller has them.
         """
         own = self._code_for(inode, view)
-        inode.kernel_seen = {own: native.Validators.of(native.fstat(inode.path_fd))}
+        if now is None:
+            now = native.Validators.of(native.fstat(inode.path_fd))
+        inode.kernel_seen = {own: now}
         for section in self._sections_of(inode.number, but=view):
             section.mark_stale()
         if self.is_multi_view(inode):
@@ -852,7 +860,7 @@ class Volume:
         transformed view comes back in the stack's format.
         """
         section = await self._section(inode, view, fd)
-        if flags & os.O_TRUNC:
+        if flags & os.O_TRUNC and (section.size or section.stored_size):
             await section.truncate(0)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             await section.ensure_formatted()
@@ -869,12 +877,17 @@ class Volume:
         native_flags = self._native_flags(flags)
         if transformed:
             native_flags = native_flags & ~(os.O_ACCMODE | os.O_TRUNC) | os.O_RDWR
-        fd = os.open(
-            native_name,
-            native_flags | os.O_CREAT | os.O_CLOEXEC,
-            stat.S_IMODE(mode),
-            dir_fd=parent.path_fd,
-        )
+        if transformed:  # the section's descriptor: its reads are the daemon's (no atime)
+            fd = native.open_keeping_atime(
+                parent.path_fd, native_name, native_flags | os.O_CREAT, stat.S_IMODE(mode)
+            )
+        else:
+            fd = os.open(
+                native_name,
+                native_flags | os.O_CREAT | os.O_CLOEXEC,
+                stat.S_IMODE(mode),
+                dir_fd=parent.path_fd,
+            )
         try:
             self._give_to_caller(parent, native_name, caller, mode)
             entry = self._remember_entry(parent, native_name, caller.view)
@@ -884,11 +897,13 @@ class Volume:
         inode = entry.inode
         section = None
         if transformed:
-            native.keep_atime(fd)  # the section's descriptor: its reads are the daemon's
             section = await self._open_section(inode, caller.view, flags | os.O_RDWR, fd)
             fd = -1
-            entry = self._entry(inode, native.fstat(inode.path_fd), caller.view)
-        inode.kernel_seen[entry.code] = native.Validators.of(native.fstat(inode.path_fd))
+            st = native.fstat(inode.path_fd)
+            entry = self._entry(inode, st, caller.view)
+            inode.kernel_seen[entry.code] = native.Validators.of(st)
+        else:
+            inode.kernel_seen[entry.code] = native.Validators.of(native.fstat(inode.path_fd))
         fh = self._new_handle(inode, caller.view, entry.code, fd, flags, section)
         return fh, entry
 
