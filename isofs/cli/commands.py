@@ -34,6 +34,7 @@ from isofs.cli.provider_flags import (
     parsed_options,
 )
 from isofs.core.sections import NativeFile
+from isofs.core.volume import SHARED_TTL, Timeouts
 from isofs.daemon import runtime
 from isofs.daemon.control import format_status, request_status
 from isofs.daemon.serve import (
@@ -139,6 +140,17 @@ def build_parser(
         "--no-exec", dest="exec_views", action="store_false",
         help="ignore `isofs exec` groups (a one-view policy then skips per-process views)",
     )  # fmt: skip
+    caching = mount.add_argument_group(
+        "kernel caching (names and files that differ between views are never cached)"
+    )
+    for flag, what in (("--entry-timeout", "names the same in every view"),
+                       ("--attr-timeout", "attributes"),
+                       ("--negative-timeout", "names that exist in no view")):  # fmt: skip
+        caching.add_argument(
+            flag, type=_seconds, default=SHARED_TTL, metavar="SECONDS",
+            help=f"how long the kernel may cache {what} (default {SHARED_TTL:g}; a change "
+            "made behind the mount's back is seen at most this late)",
+        )  # fmt: skip
     mount.add_argument(
         "--cache-size", type=_size, default=DEFAULT_CACHE_SIZE, metavar="BYTES",
         help="page cache budget, e.g. 256M (default 256M)",
@@ -232,6 +244,16 @@ def build_parser(
     migrate.add_argument("--force", action="store_true", help="run even if SOURCE is mounted")
     _add_secret_options(migrate)
     return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"seconds out of range (0 to 86400): {text!r}")
+    return value
 
 
 def _size(text: str) -> int:
@@ -376,6 +398,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         cache_size=args.cache_size,
         keyfile=args.keyfile,
         provider_options=_provider_options(args, "mount"),
+        timeouts=Timeouts(args.entry_timeout, args.attr_timeout, args.negative_timeout),
     )
 
 

@@ -116,13 +116,16 @@ class InodeTable:
         number, code = split_nodeid(nodeid)
         return self.get(number), code
 
-    def remember(self, parent: Inode, name: str) -> tuple[Inode, os.stat_result]:
+    def remember(
+        self, parent: Inode, name: str, st: os.stat_result | None = None
+    ) -> tuple[Inode, os.stat_result]:
         """The inode behind `name` in `parent`, opening an O_PATH handle if it is new.
 
         A known file costs one fstatat; a new one an fstatat, an openat and an fstat (the
         second stat guards against the name being replaced between the two calls).
         """
-        st = native.stat_at(parent.path_fd, name)
+        if st is None:
+            st = native.stat_at(parent.path_fd, name)
         known = self._by_key.get((st.st_dev, st.st_ino))
         if known is not None:
             known.mode = st.st_mode

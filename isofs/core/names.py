@@ -118,11 +118,20 @@ class ViewNames:
 
     def resolve(self, dir_number: int, dir_fd: int, name: str) -> str:
         """The native name of an existing entry, or FileNotFoundError."""
+        return self.resolve_stat(dir_number, dir_fd, name)[0]
+
+    def resolve_stat(
+        self, dir_number: int, dir_fd: int, name: str
+    ) -> tuple[str, os.stat_result]:
+        """The native name of an existing entry and its lstat (so the caller need not stat
+        it again), or FileNotFoundError."""
         for native in self.candidates(dir_number, dir_fd, name):
             if native == name and not self._is_plain(dir_number, dir_fd, name):
                 continue  # a transformed name: its view name is another one
-            if _exists(dir_fd, native):
-                return native
+            try:
+                return native, os.stat(native, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
         raise FileNotFoundError(errno.ENOENT, name)
 
     def _is_plain(self, dir_number: int, dir_fd: int, native: str) -> bool:

@@ -97,14 +97,14 @@ def reopen_keeping_atime(path_fd: int, flags: int) -> int:
         return reopen(path_fd, flags)
 
 
-def open_keeping_atime(dir_fd: int, name: str, flags: int) -> int:
+def open_keeping_atime(dir_fd: int, name: str, flags: int, mode: int = 0o777) -> int:
     """os.open of `name` in `dir_fd` for the daemon's own reads (atime left alone)."""
     try:
-        return os.open(name, flags | os.O_NOATIME | os.O_CLOEXEC, dir_fd=dir_fd)
+        return os.open(name, flags | os.O_NOATIME | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     except OSError as exc:
         if not _refused_noatime(exc):
             raise
-        return os.open(name, flags | os.O_CLOEXEC, dir_fd=dir_fd)
+        return os.open(name, flags | os.O_CLOEXEC, mode, dir_fd=dir_fd)
 
 
 def keep_atime(fd: int) -> None:

@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+#: The allocation unit below which a write is all or nothing on a full disk (ext4, xfs,
+#: btrfs and tmpfs allocate 4 KiB blocks or pages).
+FS_BLOCK = 4096
+
+
 class NativeFile:
     """The native file as the lowest `RandomAccessFile` of a stack (thread-safe pread/pwrite).
 
@@ -43,7 +48,10 @@ class NativeFile:
 
     def write(self, offset: int, data: bytes) -> int:
         view = memoryview(data)
-        if self._can_reserve and view.nbytes:
+        # A write inside one filesystem block cannot be cut short half-way: no reservation.
+        if self._can_reserve and view.nbytes and (
+            offset // FS_BLOCK != (offset + view.nbytes - 1) // FS_BLOCK
+        ):
             self._can_reserve = native.reserve(self.fd, offset, view.nbytes)
         done = 0
         while done < len(view):
@@ -470,6 +478,9 @@ class Section:
     def native_changed(self) -> bool:
         return native.Validators.of(os.fstat(self.native_fd)) != self.validators
 
+    def _native_now(self) -> native.Validators:
+        return native.Validators.of(os.fstat(self.native_fd))
+
     def mark_stale(self) -> None:
         self.stale = True
 
@@ -484,7 +495,8 @@ class Section:
         """
         if not self.stale:
             return
-        if not self.native_changed():
+        now = self._native_now()
+        if now == self.validators:
             if self._rebind:  # same file, new descriptor: only the upper file is rebuilt
                 upper = await self._call(self.stack.open, self.lower)
                 self.upper = upper if upper is not None else self.lower
@@ -495,11 +507,12 @@ class Section:
             log.error("%s: changed behind the mount's back; unwritten data discarded", self.label)
         self.cache.drop(self.id)
         self._upper_pending = False
-        upper = await self._call(self.stack.open, self.lower)
+        # An empty file is in no format: nothing to read (a new file's first open).
+        upper = await self._call(self.stack.open, self.lower) if now.size else None
         self.formatted = upper is not None
         self.upper = upper if upper is not None else self.lower
-        self.size = self.stored_size = await self._call(self.upper.size)
-        self._refresh_validators()
+        self.size = self.stored_size = await self._call(self.upper.size) if upper else now.size
+        self.validators = self._native_now() if upper else now
         self.stale = self._rebind = False
 
     @property

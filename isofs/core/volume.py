@@ -33,9 +33,23 @@ from isofs.views.policy import VIEW_NATIVE, Policy
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: How long the kernel may trust names and attributes that are the same in every view.
-#: Bounds how late a change made behind the mount's back is seen.
+#: How long the kernel may trust names and attributes that are the same in every view, by
+#: default. Bounds how late a change made behind the mount's back is seen.
 SHARED_TTL = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """How long the kernel may cache what the mount tells it (seconds; see ARCHITECTURE §8).
+
+    `entry`: names that are the same in every view; `attr`: attributes; `negative`: names
+    that exist in no view. A name or file that differs between views is never cached
+    (entry timeout 0) whatever these say.
+    """
+
+    entry: float = SHARED_TTL
+    attr: float = SHARED_TTL
+    negative: float = SHARED_TTL
 MAX_CALLERS_SHOWN = 50
 #: Sections kept (with their pages) after the kernel forgot their file.
 MAX_IDLE_SECTIONS = 256
@@ -111,6 +125,8 @@ class DirHandle:
     names: list[tuple[str, str]] | None = None
     #: `prepare_listing` took the snapshot for the readdir that follows (do not take another).
     prepared: bool = False
+    #: The lstat of each native name prepare_listing made (readdir need not stat again).
+    stats: dict[str, os.stat_result] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -138,8 +154,10 @@ class Volume:
         sizes: SizeCache | None = None,
         invalidate: Callable[[int], None] | None = None,
         read_only: bool = False,
+        timeouts: Timeouts | None = None,
     ) -> None:
         self.inodes = InodeTable(root_fd)
+        self.timeouts = timeouts or Timeouts()
         #: A read-only mount writes nothing to the source, not even a time put back.
         self.read_only = read_only
         self.stack = stack or Stack([])
@@ -162,6 +180,8 @@ class Volume:
         transform = self.stack.name_transform
         self.names = ViewNames(transform) if transform is not None else None
         self.is_root_daemon = os.geteuid() == 0
+        #: What a new native object is created with (chown is needed only for other ids).
+        self._own_ids = (os.geteuid(), os.getegid())
         try:  # its entry must never be cached: one view may see it, another must not
             meta = native.stat_at(root_fd, META_DIR_NAME)
             self.meta_key: tuple[int, int] | None = (meta.st_dev, meta.st_ino)
@@ -266,12 +286,12 @@ class Volume:
 
     def _entry(self, inode: Inode, st: os.stat_result, view: str) -> Entry:
         code = self._code_for(inode, view)
-        ttl = SHARED_TTL if code == SHARED and inode.key != self.meta_key else 0.0
+        ttl = self.timeouts.entry if code == SHARED and inode.key != self.meta_key else 0.0
         return Entry(
             nodeid=make_nodeid(inode.number, code),
             attr=self.attributes(inode, st, view),
             entry_timeout=ttl,
-            attr_timeout=SHARED_TTL,
+            attr_timeout=self.timeouts.attr,
             inode=inode,
             code=code,
         )
@@ -282,9 +302,12 @@ class Volume:
             return False
         return parent.key == self.meta_key or (parent is self.inodes.root and name == META_DIR_NAME)
 
-    def _remember_entry(self, parent: Inode, name: str, view: str) -> Entry:
-        """Look `name` up and count the kernel's new reference to it."""
-        inode, st = self.inodes.remember(parent, name)
+    def _remember_entry(
+        self, parent: Inode, name: str, view: str, st: os.stat_result | None = None
+    ) -> Entry:
+        """Look `name` up (`st`: its lstat, when the caller has just made one) and count the
+        kernel's new reference to it."""
+        inode, st = self.inodes.remember(parent, name, st)
         entry = self._entry(inode, st, view)
         self.inodes.add_lookup(inode, entry.code)
         return entry
@@ -292,7 +315,38 @@ class Volume:
     def lookup(self, parent_nodeid: int, name: str, caller: Requester) -> Entry:
         self.counters.lookups += 1
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
-        return self._remember_entry(parent, self._existing(parent, name, caller.view), caller.view)
+        view = caller.view
+        if self._hidden(parent, name, view):
+            raise OSError(errno.ENOENT, name)
+        names = self._names_for(view)
+        if names is None:
+            return self._remember_entry(parent, name, view)
+        native_name, st = names.resolve_stat(parent.number, parent.path_fd, name)
+        return self._remember_entry(parent, native_name, view, st)
+
+    def negative_ttl(self, parent_nodeid: int, name: str, caller: Requester) -> float:
+        """How long the kernel may remember that `name` does not exist (after `lookup` said
+        so): only a name that exists in no view may be cached, because the kernel's dentry
+        cache is shared by every process. The metadata directory exists for the native view
+        only; with transformed names, a miss in one view is checked in the other."""
+        ttl = self.timeouts.negative
+        if not ttl:
+            return 0.0
+        parent, _ = self.inodes.by_nodeid(parent_nodeid)
+        if parent.key == self.meta_key or (parent is self.inodes.root and name == META_DIR_NAME):
+            return 0.0
+        if self.single_view is not None or self.names is None:
+            return ttl
+        try:
+            if caller.view == VIEW_NATIVE:  # does the target view see it under this name?
+                self.names.resolve(parent.number, parent.path_fd, name)
+            else:  # does the native view?
+                native.stat_at(parent.path_fd, name)
+        except FileNotFoundError:
+            return ttl
+        except OSError:
+            return 0.0
+        return 0.0
 
     def forget(self, nodeid: int, count: int) -> None:
         inode = self.inodes.forget(nodeid, count)
@@ -387,8 +441,8 @@ class Volume:
         chown clears setuid/setgid, so a mode asking for them is applied again afterwards,
         setgid only where the kernel would keep it (caller root or in the file's group).
         """
-        if not self.is_root_daemon:
-            return
+        if not self.is_root_daemon or (caller.uid, caller.gid) == self._own_ids:
+            return  # created with the daemon's ids, which are the caller's: nothing to change
         parent_mode = native.fstat(parent.path_fd).st_mode
         gid = -1 if parent_mode & stat.S_ISGID else caller.gid
         native.chown_at(parent.path_fd, name, caller.uid, gid)
@@ -618,7 +672,9 @@ class Volume:
         for position in range(max(start, 2), len(handle.names) + 2):
             name, native_name = handle.names[position - 2]
             try:
-                inode, st = self.inodes.remember(handle.inode, native_name)
+                inode, st = self.inodes.remember(
+                    handle.inode, native_name, handle.stats.pop(native_name, None)
+                )
             except FileNotFoundError:
                 continue
             # (a file changed since prepare_listing measured it is measured here, inline)
@@ -635,6 +691,7 @@ class Volume:
             return
         handle.names = self._listing(handle.inode, handle.view)
         handle.prepared = True
+        handle.stats = {}
         if not self.transforms(handle.view):
             return
         missing = []
@@ -643,6 +700,7 @@ class Volume:
                 st = native.stat_at(handle.inode.path_fd, native_name)
             except OSError:
                 continue
+            handle.stats[native_name] = st
             if not stat.S_ISREG(st.st_mode) or not st.st_size:
                 continue
             key = (st.st_dev, st.st_ino)
@@ -780,7 +838,8 @@ class Volume:
         """A section changed its native file: the other views must not trust their caches."""
         inode = self.inodes.find(number)
         if inode is not None:
-            self._after_change(inode, view)
+            section = self.sections.get((number, view))  # it has just taken the validators
+            self._after_change(inode, view, section.validators if section else None)
             return
         for section in self._sections_of(number, but=view):
             section.mark_stale()
@@ -807,14 +866,19 @@ class Volume:
         for section in self._sections_of(inode.number):
             await section.flush()
 
-    def _after_change(self, inode: Inode, view: str) -> None:
+    def _after_change(
+        self, inode: Inode, view: str, now: native.Validators | None = None
+    ) -> None:
         """Native bytes of `inode` changed through `view`: make every other view fresh.
 
         Other views' sections reload before their next read or write; their kernel caches are
         invalidated now, and no longer count as current for keep_cache at the next open.
+        `now`: the native validators after the change, when the caller has them.
         """
         own = self._code_for(inode, view)
-        inode.kernel_seen = {own: native.Validators.of(native.fstat(inode.path_fd))}
+        if now is None:
+            now = native.Validators.of(native.fstat(inode.path_fd))
+        inode.kernel_seen = {own: now}
         for section in self._sections_of(inode.number, but=view):
             section.mark_stale()
         if self.is_multi_view(inode):
@@ -852,7 +916,7 @@ class Volume:
         transformed view comes back in the stack's format.
         """
         section = await self._section(inode, view, fd)
-        if flags & os.O_TRUNC:
+        if flags & os.O_TRUNC and (section.size or section.stored_size):
             await section.truncate(0)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             await section.ensure_formatted()
@@ -869,12 +933,17 @@ class Volume:
         native_flags = self._native_flags(flags)
         if transformed:
             native_flags = native_flags & ~(os.O_ACCMODE | os.O_TRUNC) | os.O_RDWR
-        fd = os.open(
-            native_name,
-            native_flags | os.O_CREAT | os.O_CLOEXEC,
-            stat.S_IMODE(mode),
-            dir_fd=parent.path_fd,
-        )
+        if transformed:  # the section's descriptor: its reads are the daemon's (no atime)
+            fd = native.open_keeping_atime(
+                parent.path_fd, native_name, native_flags | os.O_CREAT, stat.S_IMODE(mode)
+            )
+        else:
+            fd = os.open(
+                native_name,
+                native_flags | os.O_CREAT | os.O_CLOEXEC,
+                stat.S_IMODE(mode),
+                dir_fd=parent.path_fd,
+            )
         try:
             self._give_to_caller(parent, native_name, caller, mode)
             entry = self._remember_entry(parent, native_name, caller.view)
@@ -884,11 +953,13 @@ class Volume:
         inode = entry.inode
         section = None
         if transformed:
-            native.keep_atime(fd)  # the section's descriptor: its reads are the daemon's
             section = await self._open_section(inode, caller.view, flags | os.O_RDWR, fd)
             fd = -1
-            entry = self._entry(inode, native.fstat(inode.path_fd), caller.view)
-        inode.kernel_seen[entry.code] = native.Validators.of(native.fstat(inode.path_fd))
+            st = native.fstat(inode.path_fd)
+            entry = self._entry(inode, st, caller.view)
+            inode.kernel_seen[entry.code] = native.Validators.of(st)
+        else:
+            inode.kernel_seen[entry.code] = native.Validators.of(native.fstat(inode.path_fd))
         fh = self._new_handle(inode, caller.view, entry.code, fd, flags, section)
         return fh, entry
 

@@ -27,7 +27,7 @@ import trio
 from isofs.core import native
 from isofs.core.pagecache import DEFAULT_BUDGET, PageCache
 from isofs.core.sizecache import DB_FILE_NAME, SizeCache
-from isofs.core.volume import Volume
+from isofs.core.volume import Timeouts, Volume
 from isofs.daemon.control import serve_control
 from isofs.daemon.runtime import MountRecord, is_mounted, mount_device
 from isofs.fuse.operations import IsoFS, KernelInvalidator
@@ -83,6 +83,7 @@ class MountOptions:
     secrets: SecretSource | None = None
     #: Mount options of the stack's providers, by provider name (typed and checked).
     provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timeouts: Timeouts = field(default_factory=Timeouts)
 
     def policy(self) -> Policy:
         """The mount's policy; `isofs exec` groups come first unless disabled."""
@@ -188,6 +189,7 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
         sizes=sizes,
         invalidate=invalidator.submit,
         read_only=options.read_only,
+        timeouts=options.timeouts,
     )
     operations = IsoFS(volume, debug=options.debug)
     fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes

@@ -96,6 +96,15 @@ def _fill(entry: Entry) -> pyfuse3.EntryAttributes:
     return out
 
 
+def _negative(ttl: float) -> pyfuse3.EntryAttributes:
+    """A lookup's "no such name" that the kernel may remember for `ttl` seconds (st_ino 0)."""
+    out = pyfuse3.EntryAttributes()
+    out.st_ino = 0
+    out.entry_timeout = ttl
+    out.attr_timeout = ttl
+    return out
+
+
 class KernelInvalidator:
     """Drops kernel caches of other views' inodes from a thread of its own.
 
@@ -158,7 +167,13 @@ class IsoFS(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         caller, text = self._caller(ctx), os.fsdecode(name)
-        entry = await self.volume.sized(lambda: self.volume.lookup(parent_inode, text, caller))
+        try:
+            entry = await self.volume.sized(lambda: self.volume.lookup(parent_inode, text, caller))
+        except FileNotFoundError:
+            ttl = self.volume.negative_ttl(parent_inode, text, caller)
+            if not ttl:
+                raise
+            return _negative(ttl)  # cached by the kernel: the next miss costs no request
         return _fill(entry)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
