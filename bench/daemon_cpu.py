@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from requests import CONTENDERS, contender_mount  # noqa: E402
+from requests import CONTENDERS, contender_mount
 
 TICK = os.sysconf("SC_CLK_TCK")
 WORKLOADS = {
@@ -77,7 +77,8 @@ def main() -> int:
                                     str(mnt / "d"), str(args.n)], check=True, cwd="/")  # fmt: skip
                     wall = time.perf_counter() - t0
                     used = cpu_seconds(pid) - before
-                    line.append(f"{name} {used / args.n * 1e6:.0f} us cpu ({wall / args.n * 1e6:.0f} wall)")
+                    per_cpu, per_wall = used / args.n * 1e6, wall / args.n * 1e6
+                    line.append(f"{name} {per_cpu:.0f} us cpu ({per_wall:.0f} wall)")
                 print(f"{contender.name:34}", " | ".join(line), flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)

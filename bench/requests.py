@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import shutil
 import signal
 import subprocess
@@ -78,8 +77,8 @@ def _isofs_mount(provider: str | None, *extra: str, names: bool = True):  # type
 
 
 def _minimal(work: Path, src: Path, mnt: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([PY, str(ROOT / "bench" / "minimal_passthrough.py"), str(src),
-                             str(mnt)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    argv = [PY, str(ROOT / "bench" / "minimal_passthrough.py"), str(src), str(mnt)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_mounted(mnt)
     return proc
 
