@@ -486,6 +486,8 @@ class DedupFile:
     def read(self, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0:
             raise ValueError("negative offset or size")
+        if self._entries is None and offset < self._keep_below:
+            self.entries()  # a fallback to an older generation may change the size
         end = min(offset + size, self._size)
         if offset >= end:
             return b""
