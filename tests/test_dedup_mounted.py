@@ -8,8 +8,8 @@ Until the embedded store (`isofs_providers.dedup.store.embedded`) is merged, the
 commands these tests start get a stand-in for it (tests/dedup_stand_in/, a real persistent
 store over SQLite) through PYTHONPATH; once it is merged the real store is used.
 
-The S3 wiring: `test_s3_store_wiring` is written against the S3 store's documented
-constructor and the engine fixture of the store's tests; it fails until both are merged.
+The S3 wiring: `test_s3_store_wiring` uses the `s3` fixture of the store's branch (the real
+Ceph engine); it fails ("fixture 's3' not found") until that branch is merged.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Mount, MountManager, run_isofs, wait_until
@@ -381,23 +382,24 @@ def header_of_keyed_flag(native: bytes) -> int:
     return HEADER.unpack(native[: HEADER.size])[3]
 
 
-def test_s3_store_wiring(tmp_path: Path, mount_factory: MountManager):
-    """Expected to fail until the S3 store and its engine fixture (tests/s3engine.py) are
-    merged: then a source on the local Ceph engine round-trips through a mount."""
-    s3engine = pytest.importorskip("s3engine", reason="S3 engine fixture not merged yet")
-    engine = s3engine.start_engine(tmp_path / "ceph")  # the store's fixture, once merged
-    try:
-        os.environ.update(engine.environment())
-        source = init_source(tmp_path, "--store", "s3://isofs-test/dedup",
-                             "--endpoint", engine.endpoint)  # fmt: skip
-        m = target_mount(mount_factory, source)
-        data = payload("s3", 1 << 20)
-        write_via_child(m.at("f"), data, tmp_path)
-        assert digest_via_child(m.at("f")) == (sha(data), len(data))
-        unmount(m)
-        assert run_isofs("fsck", source).returncode == 0
-    finally:
-        engine.stop()
+def test_s3_store_wiring(tmp_path: Path, mount_factory: MountManager, s3: Any):
+    """Fails (fixture 's3' not found) until the store branch is merged: its conftest gives
+    the real Ceph engine with its keys in AWS_* variables. Then a source whose chunks live
+    in a bucket round-trips through a mount, fsck and gc, and no credential is in .isofs/."""
+    source = init_source(tmp_path, "--store", "s3://isofs-layer-test/dedup",
+                         "--endpoint", s3.endpoint_url)  # fmt: skip
+    m = target_mount(mount_factory, source)
+    data = payload("s3", 1 << 20)
+    write_via_child(m.at("f"), data, tmp_path)
+    assert digest_via_child(m.at("f")) == (sha(data), len(data))
+    unmount(m)
+    assert run_isofs("fsck", source).returncode == 0
+    assert run_isofs("gc", source).returncode == 0
+    again = target_mount(mount_factory, source)
+    assert digest_via_child(again.at("f")) == (sha(data), len(data))
+    for path in (source / ".isofs").rglob("*"):
+        if path.is_file():
+            assert s3.secret_key.encode() not in path.read_bytes(), path
 
 
 @pytest.mark.parametrize("size", [0, 1, 4096, 70_000])
