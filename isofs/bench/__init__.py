@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--files", type=_positive, metavar="N",
                       help=f"files in the generated tree (default {DEFAULT_FILES:,}; "
                       f"--quick: {QUICK_FILES})")  # fmt: skip
-    what.add_argument("--providers", type=_list, metavar="LIST",
+    # dest is not "providers": the command line sets args.providers for itself.
+    what.add_argument("--providers", dest="bench_providers", type=_list, metavar="LIST",
                       help="comma-separated providers to measure (default: every installed "
                       "built-in one); passthrough is always measured as the base")  # fmt: skip
     what.add_argument("--source", metavar="DIR",

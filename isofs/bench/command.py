@@ -63,7 +63,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     source = None
     providers: list[str]
     if args.source is not None:
-        if args.providers:
+        if args.bench_providers:
             raise BenchError("--source measures that source's own stack: drop --providers")
         source = Path(args.source).resolve()
         if not source.is_dir():
@@ -75,7 +75,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         providers = ["source"]
     else:
         installed = installed_providers()
-        providers = args.providers or builtin_providers()
+        providers = args.bench_providers or builtin_providers()
         for name in providers:
             if name not in installed:
                 raise BenchError(f"unknown provider {name!r} (installed: {', '.join(installed)})")
