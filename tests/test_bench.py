@@ -357,6 +357,15 @@ def test_existing_source(tmp_path: Path, mount_factory, isofs_cli) -> None:  # t
     assert after == before, "the benchmark changed the source"
     assert_nothing_left(workdir)
 
+    # A failure (here: a wrong passphrase at the first mount) is one line, and cleaned up.
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the passphrase\n")
+    result = bench("--quick", "--source", source, "--passfile", wrong, "--workdir", workdir)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("isofs: error: source: isofs mount failed: ")
+    assert_nothing_left(workdir)
+
 
 @pytest.mark.parametrize(
     ("args", "message"),
