@@ -335,6 +335,9 @@ class Bench:
                 shift = repetition % len(contenders)
                 order = contenders[shift:] + contenders[:shift]
                 for operation in settings.operations:
+                    if bar.disable:  # no bar (stderr is not a terminal): a line per step
+                        note(f"repetition {repetition + 1}/{settings.repeat}: "
+                             f"{OPERATIONS[operation][0]}{label}")  # fmt: skip
                     for contender in order:
                         bar.set_postfix_str(f"{contender.key} {operation}", refresh=False)
                         for state, sample in self.measure(contender, operation,
