@@ -35,7 +35,7 @@ from isofs.cli.provider_flags import (
 )
 from isofs.core.sections import NativeFile
 from isofs.core.volume import SHARED_TTL, Timeouts
-from isofs.daemon import runtime
+from isofs.daemon import namespaces, runtime
 from isofs.daemon.control import format_status, request_status
 from isofs.daemon.serve import (
     DEFAULT_CACHE_SIZE,
@@ -60,7 +60,7 @@ from isofs.provider import (
 from isofs.source import init_source, is_initialised, load_stack, meta_dir_of, stack_providers
 from isofs.views.config import ConfigError
 from isofs.views.execgroups import ExecError, join_view_group
-from isofs.views.policy import KNOWN_VIEWS
+from isofs.views.policy import KNOWN_VIEWS, VIEW_NATIVE
 
 
 class CommandError(Exception):
@@ -587,6 +587,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not command:
         raise CommandError("exec needs a command: isofs exec --view VIEW -- CMD [ARGS...]")
     join_view_group(args.view, os.getpid())
+    if args.view == VIEW_NATIVE:  # the source itself at every mount point: no FUSE at all
+        try:
+            namespaces.enter_native_view()
+        except namespaces.NamespaceError as exc:
+            raise CommandError(str(exc)) from None
     try:
         os.execvp(command[0], command)
     except OSError as exc:
