@@ -60,6 +60,7 @@ class IsofsMount:
     mountpoint: str
     source: str
     pid: int
+    control: str
 
 
 def isofs_mounts() -> list[IsofsMount]:
@@ -73,7 +74,9 @@ def isofs_mounts() -> list[IsofsMount]:
         for path in sorted(base.glob("*.json")) if base.is_dir() else []:
             try:
                 record = json.loads(path.read_text())
-                mount = IsofsMount(record["mountpoint"], record["source"], int(record["pid"]))
+                mount = IsofsMount(
+                    record["mountpoint"], record["source"], int(record["pid"]), record["control"]
+                )
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             if mount.mountpoint in mounted and runtime.pid_alive(mount.pid):
@@ -87,6 +90,43 @@ def private_namespace() -> None:
     _mount(None, "/", MS_REC | MS_SLAVE)
 
 
+def detach(mountpoint: str) -> None:
+    """Detach the mount at `mountpoint` in this process's (private) namespace only."""
+    _check(_libc.umount2(os.fsencode(mountpoint), MNT_DETACH), f"detach {mountpoint}")
+
+
+def enter_target_view() -> str | None:
+    """Enter the mount namespace of the target-view daemon of the isofs mount the working
+    directory is in (or of the only isofs mount); returns its mount point, or None when there
+    is no such mount (the view group then does the work, through the shared mount)."""
+    from isofs.daemon.control import request
+
+    cwd = _cwd()
+    mounts = isofs_mounts()
+    inside = [m for m in mounts if cwd and (cwd + "/").startswith(m.mountpoint.rstrip("/") + "/")]
+    chosen = inside[0] if inside else (mounts[0] if len(mounts) == 1 else None)
+    if chosen is None:
+        return None
+    try:
+        reply = request(chosen.control, "target-namespace", timeout=90)
+    except (OSError, ValueError) as exc:
+        raise NamespaceError(f"{chosen.mountpoint}: daemon does not answer: {exc}") from None
+    if "pid" not in reply:
+        if "unknown" in str(reply.get("error", "")):
+            return None  # a mount without target-view daemon (--no-exec, or all targets)
+        raise NamespaceError(f"{chosen.mountpoint}: {reply.get('error', reply)}")
+    try:
+        fd = os.open(f"/proc/{int(reply['pid'])}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NamespaceError(f"cannot reach the target-view namespace: {exc.strerror}") from None
+    try:
+        _check(_libc.setns(fd, CLONE_NEWNS), "setns")
+    finally:
+        os.close(fd)
+    _rechdir(cwd)
+    return chosen.mountpoint
+
+
 def enter_native_view() -> list[str]:
     """Make every isofs mount point show its source directory in a new private namespace;
     returns the mount points changed. The working directory is looked up again after."""
@@ -94,8 +134,7 @@ def enter_native_view() -> list[str]:
     mounts = isofs_mounts()
     private_namespace()
     for mount in mounts:
-        _check(_libc.umount2(os.fsencode(mount.mountpoint), MNT_DETACH),
-               f"detach {mount.mountpoint}")  # fmt: skip
+        detach(mount.mountpoint)
         if os.path.realpath(mount.source) != mount.mountpoint:
             _mount(mount.source, mount.mountpoint, MS_BIND | MS_REC)
     _rechdir(cwd)
