@@ -19,13 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from isofs.cli.passphrases import (
-    ForwardedSecrets,
-    InteractiveSecrets,
-    KeyFileSecrets,
-    receive_secrets,
-    send_secrets,
-)
+from isofs.cli.passphrases import InteractiveSecrets, KeyFileSecrets
 from isofs.cli.provider_flags import (
     add_option_flags,
     add_provider_options,
@@ -35,8 +29,9 @@ from isofs.cli.provider_flags import (
 )
 from isofs.core.sections import NativeFile
 from isofs.core.volume import SHARED_TTL, Timeouts
-from isofs.daemon import runtime
+from isofs.daemon import namespaces, runtime
 from isofs.daemon.control import format_status, request_status
+from isofs.daemon.secretpipe import ForwardedSecrets, receive_secrets, send_secrets
 from isofs.daemon.serve import (
     DEFAULT_CACHE_SIZE,
     MountError,
@@ -60,7 +55,7 @@ from isofs.provider import (
 from isofs.source import init_source, is_initialised, load_stack, meta_dir_of, stack_providers
 from isofs.views.config import ConfigError
 from isofs.views.execgroups import ExecError, join_view_group
-from isofs.views.policy import KNOWN_VIEWS
+from isofs.views.policy import KNOWN_VIEWS, VIEW_NATIVE
 
 
 class CommandError(Exception):
@@ -158,6 +153,7 @@ def build_parser(
     _add_secret_options(mount)
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.add_argument("--secrets-fd", type=int, help=argparse.SUPPRESS)
+    mount.add_argument("--view-daemon", action="store_true", help=argparse.SUPPRESS)
     mount.set_defaults(parser=mount)  # the daemon's command line is rebuilt from it
 
     init = command(
@@ -399,6 +395,8 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         keyfile=args.keyfile,
         provider_options=_provider_options(args, "mount"),
         timeouts=Timeouts(args.entry_timeout, args.attr_timeout, args.negative_timeout),
+        view_daemon=args.view_daemon,
+        target_view_argv=functools.partial(_target_view_argv, args),
     )
 
 
@@ -484,6 +482,19 @@ def _spawn_daemon(args: argparse.Namespace, options: MountOptions) -> int:
     if not message:
         message = f"daemon exited with status {process.returncode}; see {log_file}"
     raise CommandError(message)
+
+
+def _target_view_argv(args: argparse.Namespace, ready_fd: int, secrets_fd: int) -> list[str]:
+    """The command line of this mount's target-view daemon: the daemon's own, plus
+    --view-daemon (daemon/targetview.py)."""
+    child = argparse.Namespace(**vars(args))
+    child.view_daemon, child.foreground = True, True
+    child.ready_fd, child.secrets_fd = ready_fd, secrets_fd
+    for name in _PATHS:
+        value = getattr(child, name)
+        if value is not None:
+            setattr(child, name, os.path.abspath(value))
+    return [sys.executable, "-m", "isofs", "mount", *_argv_of(args.parser, child)]
 
 
 def _argv_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
@@ -587,6 +598,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not command:
         raise CommandError("exec needs a command: isofs exec --view VIEW -- CMD [ARGS...]")
     join_view_group(args.view, os.getpid())
+    try:
+        if args.view == VIEW_NATIVE:  # the source itself at every mount point: no FUSE at all
+            namespaces.enter_native_view()
+        else:  # the mount's target-view daemon: a one-view mount, cacheable names
+            namespaces.enter_target_view()
+    except namespaces.NamespaceError as exc:
+        raise CommandError(str(exc)) from None
     try:
         os.execvp(command[0], command)
     except OSError as exc:

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -20,8 +20,13 @@ import trio
 log = logging.getLogger(__name__)
 
 
-async def serve_control(path: str, status: Callable[[], dict[str, Any]]) -> None:
-    """Answer status requests until cancelled."""
+Command = Callable[[], Awaitable[dict[str, Any]]]
+
+
+async def serve_control(
+    path: str, status: Callable[[], dict[str, Any]], commands: dict[str, Command] | None = None
+) -> None:
+    """Answer requests until cancelled: "status", and the daemon's other `commands`."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -32,21 +37,28 @@ async def serve_control(path: str, status: Callable[[], dict[str, Any]]) -> None
         async with trio.open_nursery() as nursery:
             while True:
                 conn, _ = await listener.accept()
-                nursery.start_soon(_answer, conn, status)
+                nursery.start_soon(_answer, conn, status, commands or {})
     finally:
         listener.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
 
-async def _answer(conn: trio.socket.SocketType, status: Callable[[], dict[str, Any]]) -> None:
+async def _answer(
+    conn: trio.socket.SocketType, status: Callable[[], dict[str, Any]], commands: dict[str, Command]
+) -> None:
     """One request; whatever goes wrong is logged and never reaches the mount's nursery."""
     stream = trio.SocketStream(conn)
     try:
-        with trio.fail_after(5):
+        with trio.fail_after(90):
             request = await stream.receive_some(4096)
             command = json.loads(request or b"{}").get("cmd")
-            reply = status() if command == "status" else {"error": f"unknown {command!r}"}
+            if command == "status":
+                reply = status()
+            elif command in commands:
+                reply = await commands[command]()
+            else:
+                reply = {"error": f"unknown {command!r}"}
             await stream.send_all(json.dumps(reply, default=_jsonable).encode())
     except Exception as exc:
         log.warning("control request failed: %s", exc)
@@ -62,10 +74,15 @@ def _jsonable(value: object) -> object:
 
 def request_status(path: str, timeout: float = 5.0) -> dict[str, Any]:
     """Ask a daemon for its status (raises OSError when it does not answer)."""
+    return request(path, "status", timeout)
+
+
+def request(path: str, command: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Send one command to a daemon and return its answer (OSError when it does not)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
-        sock.sendall(b'{"cmd": "status"}\n')
+        sock.sendall(json.dumps({"cmd": command}).encode() + b"\n")
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)

@@ -16,7 +16,7 @@ import resource
 import signal
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,15 +28,18 @@ from isofs.core import native
 from isofs.core.pagecache import DEFAULT_BUDGET, PageCache
 from isofs.core.sizecache import DB_FILE_NAME, SizeCache
 from isofs.core.volume import Timeouts, Volume
+from isofs.daemon import namespaces
 from isofs.daemon.control import serve_control
 from isofs.daemon.runtime import MountRecord, is_mounted, mount_device
+from isofs.daemon.targetview import TargetView
 from isofs.fuse.operations import IsoFS, KernelInvalidator
 from isofs.provider import ProviderError, SecretSource, SetupRequest, Stack
 from isofs.source import META_DIR_NAME, load_stack
 from isofs.views.callers import CallerResolver
 from isofs.views.config import ConfigError, build_policy
 from isofs.views.execgroups import exec_rules
-from isofs.views.policy import Policy
+from isofs.views.gate import ViewGate
+from isofs.views.policy import VIEW_TARGET, Policy
 
 log = logging.getLogger("isofs")
 
@@ -84,13 +87,40 @@ class MountOptions:
     #: Mount options of the stack's providers, by provider name (typed and checked).
     provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     timeouts: Timeouts = field(default_factory=Timeouts)
+    #: This daemon is a shared mount's target-view daemon (targetview.py).
+    view_daemon: bool = False
+    #: The command line of this mount's target-view daemon, given its ready and secrets fds.
+    target_view_argv: Callable[[int, int], list[str]] | None = None
+
+    def own_policy(self) -> Policy:
+        """The policy the mount was given (files and flags), without `isofs exec` groups."""
+        return build_policy(self.policy_file, self.targets, self.ignores, self.default_view)
 
     def policy(self) -> Policy:
-        """The mount's policy; `isofs exec` groups come first unless disabled."""
-        policy = build_policy(self.policy_file, self.targets, self.ignores, self.default_view)
-        if not self.exec_views:
-            return policy
-        return Policy(rules=exec_rules() + policy.rules, default_view=policy.default_view)
+        """The shared mount's policy: the exec groups first (unless --no-exec), then its own.
+
+        Except when its own policy gives every process the target view: `isofs exec --view
+        native` has a namespace of its own where the mount point is the source (§9), so
+        nobody needs another view from this mount, and it stays a one-view mount (names and
+        attributes cacheable, no caller resolution). Any other mount keeps honouring the
+        groups: `isofs exec --view target` falls back to them when it cannot tell which
+        mount's target-view daemon to enter, and must never land in the native view.
+        """
+        own = self.own_policy()
+        if not self.exec_views or (own.is_single_view and VIEW_TARGET in own.views):
+            return own
+        return self.exec_policy(own)
+
+    def exec_policy(self, own: Policy | None = None) -> Policy:
+        """Exec groups first, then the mount's rules: who a target-view daemon admits."""
+        own = own or self.own_policy()
+        return Policy(rules=exec_rules() + own.rules, default_view=own.default_view)
+
+    @property
+    def wants_target_view_daemon(self) -> bool:
+        """A target-view daemon helps unless exec is off or everybody is a target already."""
+        own = self.own_policy()
+        return self.exec_views and not (own.is_single_view and VIEW_TARGET in own.views)
 
     def setup_request(self) -> SetupRequest:
         options = {"keyfile": self.keyfile} if self.keyfile else {}
@@ -167,6 +197,13 @@ def open_source(options: MountOptions) -> tuple[str, str, int, Path | None, Stac
 
 def serve(options: MountOptions, report: Callable[[str], None]) -> int:
     """Mount and serve until unmounted or signalled. `report` gets "mounted" or an error."""
+    if options.view_daemon:  # a namespace of its own, where the shared mount is detached
+        try:
+            namespaces.private_namespace()
+            namespaces.detach(os.path.realpath(options.mountpoint))
+        except namespaces.NamespaceError as exc:
+            report(str(exc))
+            return 1
     try:
         source, mountpoint, root_fd, meta_dir, stack, policy = open_source(options)
     except (MountError, ConfigError, ProviderError) as exc:
@@ -180,6 +217,10 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
     persistent = meta_dir is not None and not stack.is_identity and not options.read_only
     sizes = SizeCache(meta_dir / DB_FILE_NAME if persistent else None)
     invalidator = KernelInvalidator()
+    gate = None
+    if options.view_daemon:  # one view for every lookup; content only for its callers
+        policy = Policy(default_view=VIEW_TARGET)
+        gate = ViewGate(options.exec_policy(), CallerResolver(), VIEW_TARGET)
     volume = Volume(
         root_fd,
         stack=stack,
@@ -191,7 +232,7 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
         read_only=options.read_only,
         timeouts=options.timeouts,
     )
-    operations = IsoFS(volume, debug=options.debug)
+    operations = IsoFS(volume, debug=options.debug, gate=gate)
     fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     fuse_options |= {"fsname=isofs", "subtype=isofs"}
     if options.allow_other:
@@ -214,12 +255,23 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
         log=options.log_file or str(default_log),
         control=str(control),
     )
-    record.save()
+    target_view = None
+    if options.view_daemon:
+        control_path = None  # the shared mount's daemon speaks for the mount point
+    else:
+        record.save()
+        control_path = str(control)
+        if options.wants_target_view_daemon and options.target_view_argv is not None:
+            given = getattr(options.secrets, "given", None) or {}
+            target_view = TargetView(
+                options.target_view_argv, dict(given), record.log, daemon_environment()
+            )
     log.info(
-        "mounted %s on %s (pid %d): stack [%s], views %s",
+        "mounted %s on %s (pid %d): stack [%s], views %s%s",
         source, mountpoint, os.getpid(),
         ", ".join(type(layer).__name__ for layer in stack.layers),
         "/".join(sorted(policy.views)),
+        " (target-view daemon, own mount namespace)" if options.view_daemon else "",
     )  # fmt: skip
     report("mounted")
     unmounted = False
@@ -235,21 +287,26 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
                 "log": record.log,
                 **volume.status(),
                 "invalidations": invalidator.done,
+                "target_view_daemon": target_view.pid if target_view else None,
                 **operations.stats.snapshot(),
             }
 
-        unmounted = trio.run(_main_loop, volume, mountpoint, str(control), status)
+        commands = {"target-namespace": target_view.ensure} if target_view else {}
+        unmounted = trio.run(_main_loop, volume, mountpoint, control_path, status, commands)
     except BaseException:
         log.exception("daemon failed")
         raise
     finally:
+        if target_view is not None:
+            target_view.stop()
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=not unmounted)
         invalidator.stop()
         volume.close()
         stack.close()
         sizes.close()
-        record.remove()
+        if not options.view_daemon:
+            record.remove()
         log.info("unmounted %s", mountpoint)
     return 0
 
@@ -307,14 +364,19 @@ def _reuse_large_buffers() -> None:
 
 
 async def _main_loop(
-    volume: Volume, mountpoint: str, control: str, status: Callable[[], dict[str, object]]
+    volume: Volume,
+    mountpoint: str,
+    control: str | None,
+    status: Callable[[], dict[str, object]],
+    commands: dict[str, Callable[[], Awaitable[dict[str, Any]]]],
 ) -> bool:
     """Serve requests; True when the kernel ended the session (external unmount)."""
     ended_by_kernel = False
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
         nursery.start_soon(_write_back_periodically, volume)
-        nursery.start_soon(serve_control, control, status)
+        if control is not None:
+            nursery.start_soon(serve_control, control, status, commands)
         nursery.start_soon(_raise_readahead, mountpoint)
         await pyfuse3.main()
         ended_by_kernel = True

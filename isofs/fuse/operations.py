@@ -20,6 +20,7 @@ import pyfuse3
 
 from isofs.core.volume import Entry, Requester, Volume
 from isofs.fuse.stats import RequestStats
+from isofs.views.gate import ViewGate
 
 RequestContext = pyfuse3.RequestContext
 
@@ -146,11 +147,18 @@ class IsoFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, volume: Volume, debug: bool = False) -> None:
+    def __init__(self, volume: Volume, debug: bool = False, gate: ViewGate | None = None) -> None:
         super().__init__()
         self.volume = volume
         self.debug = debug
+        #: A one-view mount of a target-view daemon admits only callers of that view to what
+        #: shows content (isofs.views.gate).
+        self.gate = gate
         self.stats = RequestStats(describe=describe_args)
+
+    def _admit(self, ctx: pyfuse3.RequestContext) -> None:
+        if self.gate is not None and not self.gate.admits(ctx.pid, ctx.uid, ctx.gid):
+            raise pyfuse3.FUSEError(errno.EACCES)
 
     def _caller(self, ctx: pyfuse3.RequestContext) -> Requester:
         return Requester(ctx.uid, ctx.gid, self.volume.view_for(ctx.pid, ctx.uid, ctx.gid))
@@ -212,6 +220,7 @@ class IsoFS(pyfuse3.Operations):
 
     @_errors_to_errno
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        self._admit(ctx)
         return self.volume.readlink(inode, self._caller(ctx).view)
 
     @_errors_to_errno
@@ -295,6 +304,7 @@ class IsoFS(pyfuse3.Operations):
 
     @_errors_to_errno
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self._admit(ctx)
         return self.volume.getxattr(inode, name, self._xattr_view(ctx))
 
     @_errors_to_errno
@@ -305,6 +315,7 @@ class IsoFS(pyfuse3.Operations):
 
     @_errors_to_errno
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        self._admit(ctx)
         return self.volume.listxattr(inode, self._xattr_view(ctx))
 
     @_errors_to_errno
@@ -315,6 +326,7 @@ class IsoFS(pyfuse3.Operations):
 
     @_errors_to_errno
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self._admit(ctx)
         return self.volume.opendir(inode, self._caller(ctx))
 
     @_errors_to_errno
@@ -344,6 +356,7 @@ class IsoFS(pyfuse3.Operations):
 
     @_errors_to_errno
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        self._admit(ctx)
         fh, keep_cache = await self.volume.open(inode, flags, self._caller(ctx))
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, direct_io=bool(flags & os.O_DIRECT))
 
