@@ -44,7 +44,7 @@ for i in range(int(sys.argv[2])): os.unlink(os.path.join(d, f"c{i:05}"))
 
 
 def daemon_pid(mnt: Path) -> int:
-    pattern = f"(minimal_passthrough.py|--foreground).* {mnt}$"
+    pattern = f"(isofs.bench.minimal|--foreground).* {mnt}$"
     out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
     return int(out.stdout.split()[0])
 

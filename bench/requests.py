@@ -77,7 +77,7 @@ def _isofs_mount(provider: str | None, *extra: str, names: bool = True):  # type
 
 
 def _minimal(work: Path, src: Path, mnt: Path) -> subprocess.Popen[bytes]:
-    argv = [PY, str(ROOT / "bench" / "minimal_passthrough.py"), str(src), str(mnt)]
+    argv = [PY, "-m", "isofs.bench.minimal", str(src), str(mnt)]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_mounted(mnt)
     return proc

@@ -24,15 +24,23 @@ Command = Callable[[], Awaitable[dict[str, Any]]]
 
 
 async def serve_control(
-    path: str, status: Callable[[], dict[str, Any]], commands: dict[str, Command] | None = None
+    path: str,
+    status: Callable[[], dict[str, Any]],
+    commands: dict[str, Command] | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Answer requests until cancelled: "status", and the daemon's other `commands`."""
+    """Answer requests until cancelled: "status", and the daemon's other `commands`.
+
+    `task_status.started()` once the socket listens (a mount reported as mounted answers).
+    """
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await listener.bind(path)
     os.chmod(path, 0o600)
     listener.listen(8)
+    task_status.started()
     try:
         async with trio.open_nursery() as nursery:
             while True:

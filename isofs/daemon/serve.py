@@ -273,7 +273,6 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
         "/".join(sorted(policy.views)),
         " (target-view daemon, own mount namespace)" if options.view_daemon else "",
     )  # fmt: skip
-    report("mounted")
     unmounted = False
     try:
         started = time.monotonic()
@@ -292,7 +291,9 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
             }
 
         commands = {"target-namespace": target_view.ensure} if target_view else {}
-        unmounted = trio.run(_main_loop, volume, mountpoint, control_path, status, commands)
+        unmounted = trio.run(
+            _main_loop, volume, mountpoint, control_path, status, commands, report
+        )
     except BaseException:
         log.exception("daemon failed")
         raise
@@ -369,14 +370,20 @@ async def _main_loop(
     control: str | None,
     status: Callable[[], dict[str, object]],
     commands: dict[str, Callable[[], Awaitable[dict[str, Any]]]],
+    report: Callable[[str], None],
 ) -> bool:
-    """Serve requests; True when the kernel ended the session (external unmount)."""
+    """Serve requests; True when the kernel ended the session (external unmount).
+
+    "mounted" is reported once the control socket listens, so `isofs status` right after
+    `isofs mount` returns always finds it.
+    """
     ended_by_kernel = False
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
         nursery.start_soon(_write_back_periodically, volume)
         if control is not None:
-            nursery.start_soon(serve_control, control, status, commands)
+            await nursery.start(serve_control, control, status, commands)
+        report("mounted")
         nursery.start_soon(_raise_readahead, mountpoint)
         await pyfuse3.main()
         ended_by_kernel = True

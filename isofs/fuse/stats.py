@@ -25,6 +25,7 @@ class OperationStats:
             "count": self.count,
             "errors": self.errors,
             "mean_us": round(mean_us, 1),
+            "total_us": round(self.total_s * 1e6, 1),
             "max_us": round(self.max_s * 1e6, 1),
         }
 
