@@ -143,3 +143,29 @@ async def test_a_file_changed_between_prepare_and_readdir_still_gets_its_size(
     finally:
         volume.close()
         os.close(root_fd)
+
+
+async def test_stat_after_stat_in_one_directory_measures_the_directory_once(
+    source: Path,
+) -> None:
+    layer = ThreadRecordingLayer()
+    volume, root_fd = make_volume(source, layer)
+    try:
+        loop = threading.get_ident()
+        d = (await volume.sized(lambda: volume.lookup(ROOT, "d", TARGET))).nodeid
+        for i in range(40):  # no listing first: one stat per file, as `find -exec stat` does
+            entry = await volume.sized(
+                lambda i=i: volume.lookup(d, f"f{i:02}", TARGET), d, "target"
+            )
+            assert entry.attr.size == i * 10
+        assert volume.sizer.stats.batches == 1 and volume.sizer.stats.single == 0
+        assert volume.sizer.stats.measured == 41  # the directory's every miss, at once
+        assert loop not in layer.threads
+        # a file changed right after still gets its size (measured alone: the directory
+        # was measured a moment ago)
+        (source / "d" / "f05").write_bytes(encode(b"z" * 7))
+        entry = await volume.sized(lambda: volume.lookup(d, "f05", TARGET), d, "target")
+        assert entry.attr.size == 7 and volume.sizer.stats.single == 1
+    finally:
+        volume.close()
+        os.close(root_fd)

@@ -12,8 +12,9 @@ import itertools
 import logging
 import os
 import stat
+import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import TypeVar
@@ -51,6 +52,8 @@ class Timeouts:
     attr: float = SHARED_TTL
     negative: float = SHARED_TTL
 MAX_CALLERS_SHOWN = 50
+#: A directory whose sizes were measured in a batch is not measured whole again this soon.
+DIRECTORY_MEASURE_SECONDS = 2.0
 #: Sections kept (with their pages) after the kernel forgot their file.
 MAX_IDLE_SECTIONS = 256
 
@@ -168,6 +171,8 @@ class Volume:
         #: Learns logical sizes; the hot paths (lookup, getattr, listings) read files only in
         #: worker threads (`sized`, `prepare_listing`), the rare others inline.
         self.sizer = Sizer(self.stack, self.sizes)
+        #: When each directory's missing sizes were last measured in one batch.
+        self._directories_measured: dict[int, float] = {}
         self.page_size = page_size_for(self.stack.block_size)
         #: Called with a nodeid whose kernel caches are stale; must not block the caller.
         self.invalidate = invalidate or (lambda nodeid: None)
@@ -263,10 +268,18 @@ class Volume:
             return section.size
         return self.sizer.size_of(inode.key, st, inode.path_fd, lambda: self.describe(inode))
 
-    async def sized(self, call: Callable[[], T]) -> T:
+    async def sized(
+        self, call: Callable[[], T], directory: int | None = None, view: str | None = None
+    ) -> T:
         """Run a metadata call whose answer may need a logical size that only the file knows:
         the file is then measured in a worker thread, and the call made again (lookup and
-        getattr change nothing before they compute attributes, so a retry is harmless)."""
+        getattr change nothing before they compute attributes, so a retry is harmless).
+
+        A lookup's miss (`directory` is the parent's nodeid) measures the sizes the whole
+        directory misses in the same worker-thread call, as a listing does: a process that
+        stats every file in turn (`find -exec stat`, a build) pays one batch, not one thread
+        hop per file. At most once per directory per `DIRECTORY_MEASURE_SECONDS`.
+        """
         self.sizer.measure_inline = False
         try:
             return call()
@@ -274,8 +287,57 @@ class Volume:
             path_fd = miss.path_fd
         finally:
             self.sizer.measure_inline = True
-        await self.sizer.measure_one(path_fd, lambda: f"descriptor {path_fd}")
+        if directory is None or view is None or not await self._measure_directory(directory, view):
+            await self.sizer.measure_one(path_fd, lambda: f"descriptor {path_fd}")
         return call()  # known now (or, if the file changed again meanwhile, measured inline)
+
+    async def _measure_directory(self, nodeid: int, view: str) -> bool:
+        """Measure what a directory's entries miss, in one batch; False when not worth it
+        now (measured a moment ago: a miss then is a file still changing)."""
+        directory, _ = self.inodes.by_nodeid(nodeid)
+        now = time.monotonic()
+        if now - self._directories_measured.get(directory.number, -1e9) < DIRECTORY_MEASURE_SECONDS:
+            return False
+        if len(self._directories_measured) > 4096:
+            self._directories_measured.clear()
+        self._directories_measured[directory.number] = now
+        directory.open_handles += 1  # its descriptor stays open while the thread reads
+        try:
+            names = native.list_names(directory.path_fd, keep_atime=True)
+            await self.sizer.measure_names(
+                directory.path_fd, self._missing_sizes(directory, names, view)
+            )
+        finally:
+            directory.open_handles -= 1
+            self._release_inode(directory)
+        return True
+
+    def _missing_sizes(
+        self, directory: Inode, native_names: Iterable[str], view: str,
+        stats: dict[str, os.stat_result] | None = None,
+    ) -> list[str]:
+        """The native names of regular files whose logical size no cache knows (their lstat
+        goes to `stats`, when given)."""
+        missing = []
+        for native_name in native_names:
+            if self._hidden(directory, native_name, view):
+                continue
+            try:
+                st = native.stat_at(directory.path_fd, native_name)
+            except OSError:
+                continue
+            if stats is not None:
+                stats[native_name] = st
+            if not stat.S_ISREG(st.st_mode) or not st.st_size:
+                continue
+            key = (st.st_dev, st.st_ino)
+            known = self.inodes.by_key(key)
+            section = self.sections.get((known.number, view)) if known else None
+            if section is not None:
+                continue  # the section knows (or its reload will)
+            if not self.sizer.known_without_consuming(key, native.Validators.of(st)):
+                missing.append(native_name)
+        return missing
 
     def describe(self, inode: Inode) -> str:
         """The native path of an inode, for log lines that must name the file."""
@@ -694,22 +756,11 @@ class Volume:
         handle.stats = {}
         if not self.transforms(handle.view):
             return
-        missing = []
-        for _name, native_name in handle.names:
-            try:
-                st = native.stat_at(handle.inode.path_fd, native_name)
-            except OSError:
-                continue
-            handle.stats[native_name] = st
-            if not stat.S_ISREG(st.st_mode) or not st.st_size:
-                continue
-            key = (st.st_dev, st.st_ino)
-            known = self.inodes.by_key(key)
-            section = self.sections.get((known.number, handle.view)) if known else None
-            if section is not None:
-                continue  # the section knows (or its reload will)
-            if not self.sizer.known_without_consuming(key, native.Validators.of(st)):
-                missing.append(native_name)
+        missing = self._missing_sizes(
+            handle.inode, (native_name for _, native_name in handle.names), handle.view,
+            handle.stats,
+        )
+        self._directories_measured[handle.inode.number] = time.monotonic()
         await self.sizer.measure_names(handle.inode.path_fd, missing)
 
     def _listing(self, directory: Inode, view: str) -> list[tuple[str, str]]:

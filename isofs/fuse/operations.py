@@ -176,7 +176,9 @@ class IsoFS(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         caller, text = self._caller(ctx), os.fsdecode(name)
         try:
-            entry = await self.volume.sized(lambda: self.volume.lookup(parent_inode, text, caller))
+            entry = await self.volume.sized(
+                lambda: self.volume.lookup(parent_inode, text, caller), parent_inode, caller.view
+            )
         except FileNotFoundError:
             ttl = self.volume.negative_ttl(parent_inode, text, caller)
             if not ttl:
