@@ -43,9 +43,10 @@ leaves the cache running in memory only; each case logs a warning and never fail
 
 Size bound
 ----------
-At most `max_entries` entries are kept (default 1,000,000). Each costs about 0.4 kB of memory
-and 1 µs of load time at open (bench/bench_sizecache.py), so a full default cache means some
-400 MB and a second before the mount is ready. `flush` drops the least recently *put* entries
+At most `max_entries` entries are kept (default 1,000,000). In memory each is two Python ints
+(the key and a packed value), about 150 bytes, and about 66 bytes in the file; a full default
+cache means some 150 MB and a few seconds of loading before the mount is ready
+(bench/bench_sizecache.py measures it). `flush` drops the least recently *put* entries
 beyond the cap. Hits do not refresh an entry: that would put a write on the hot path, and a
 wrongly pruned entry only costs one recomputation. The dict's insertion order is the put order
 (`put` re-inserts), and the stored ``seq`` column (the rowid, so the load needs no sort)
@@ -69,6 +70,7 @@ import gc
 import itertools
 import logging
 import sqlite3
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -83,7 +85,7 @@ log = logging.getLogger(__name__)
 DB_FILE_NAME: Final = "sizecache.db"
 #: Version of the on-disk schema; a file with any other version is recreated.
 SCHEMA_VERSION: Final = 1
-DEFAULT_MAX_ENTRIES: Final = 250_000
+DEFAULT_MAX_ENTRIES: Final = 1_000_000
 DEFAULT_RACY_WINDOW_NS: Final = 500_000_000
 
 _I64_MIN: Final = -(1 << 63)
@@ -146,6 +148,48 @@ _Entry: TypeAlias = tuple[Validators, CachedSize]
 # A pending write: the entry and its put sequence number, or None to delete the row.
 _Pending: TypeAlias = tuple[_Entry, int] | None
 
+# In memory an entry is two Python ints, not nine objects (a dict of tuples of tuples took
+# 415 bytes per entry, 1,000,000 entries 415 MB; two ints take about 150): the key
+# dev << 64 | ino, and the value size | mtime << 64 | ctime << 128 | (logical + 1) << 192
+# (times offset by 2^63 so that times before 1970 pack too; logical + 1 = 0 means
+# NOT_FORMATTED).
+_OFFSET: Final = 1 << 63
+_MASK64: Final = (1 << 64) - 1
+_VALIDATORS_MASK: Final = (1 << 192) - 1
+
+
+def _key_int(key: SizeKey) -> int:
+    return key[0] << 64 | key[1]
+
+
+def _key_tuple(packed: int) -> SizeKey:
+    return packed >> 64, packed & _MASK64
+
+
+def _pack_validators(validators: Validators) -> int:
+    size, mtime_ns, ctime_ns = validators
+    return size | (mtime_ns + _OFFSET) << 64 | (ctime_ns + _OFFSET) << 128
+
+
+def _pack(validators: Validators, value: CachedSize) -> int:
+    logical = 0 if value is NOT_FORMATTED else value + 1
+    return _pack_validators(validators) | logical << 192
+
+
+def _unpack(packed: int) -> _Entry:
+    logical = packed >> 192
+    validators = Validators(
+        packed & _MASK64,
+        (packed >> 64 & _MASK64) - _OFFSET,
+        (packed >> 128 & _MASK64) - _OFFSET,
+    )
+    return validators, (NOT_FORMATTED if logical == 0 else logical - 1)
+
+
+def _value(packed: int) -> CachedSize:
+    logical = packed >> 192
+    return NOT_FORMATTED if logical == 0 else logical - 1
+
 
 def logical_size(cached: CachedSize, native_size: int) -> int:
     """The size to report for a cached value of a file whose native size is `native_size`."""
@@ -170,6 +214,8 @@ class SizeCacheStatistics:
     loaded: int  # entries loaded at open
     load_ns: int  # time spent opening and loading the file
     persistent: bool  # False when running memory-only (no path, or the file is unusable)
+    file_bytes: int  # the file and its write-ahead log on disk
+    memory_bytes: int  # the entries in memory (estimated from one entry's objects)
 
 
 class _SchemaMismatch(Exception):
@@ -199,7 +245,7 @@ class SizeCache:
         self._path = path
         self._max_entries = max_entries
         self._racy_window_ns = racy_window_ns
-        self._entries: dict[SizeKey, _Entry] = {}
+        self._entries: dict[int, int] = {}  # packed, see _pack
         self._dirty: dict[SizeKey, _Pending] = {}
         self._seq = 0
         self._lock = threading.Lock()
@@ -230,19 +276,20 @@ class SizeCache:
 
     def get(self, key: SizeKey, validators: Validators) -> CachedSize | None:
         """The cached logical size of `key`, or None if unknown or its validators changed."""
-        entry = self._entries.get(key)
+        packed_key = key[0] << 64 | key[1]
+        entry = self._entries.get(packed_key)
         if entry is not None:
-            if entry[0] == validators:
+            if entry & _VALIDATORS_MASK == _pack_validators(validators):
                 self._hits += 1
-                return entry[1]
-            self._drop_stale(key, entry)
+                return _value(entry)
+            self._drop_stale(key, packed_key, entry)
         self._misses += 1
         return None
 
     def peek(self, key: SizeKey, validators: Validators) -> bool:
         """Whether `get` would hit, counting nothing and dropping nothing."""
-        entry = self._entries.get(key)
-        return entry is not None and entry[0] == validators
+        entry = self._entries.get(_key_int(key))
+        return entry is not None and entry & _VALIDATORS_MASK == _pack_validators(validators)
 
     def put(
         self, key: SizeKey, validators: Validators, value: CachedSize, *, exact: bool = False
@@ -270,23 +317,24 @@ class SizeCache:
             self._skipped_puts += 1
             return
         entry: _Entry = (validators, value)
+        packed_key = _key_int(key)
         with self._lock:
             # Re-insert so the dict's order stays the put order pruning relies on.
-            self._entries.pop(key, None)
-            self._entries[key] = entry
+            self._entries.pop(packed_key, None)
+            self._entries[packed_key] = _pack(validators, value)
             self._seq += 1
             self._dirty[key] = (entry, self._seq)
 
     def forget(self, key: SizeKey) -> None:
         """Drop `key` (e.g. the file was rewritten or unlinked through the mount)."""
         with self._lock:
-            if self._entries.pop(key, None) is not None:
+            if self._entries.pop(_key_int(key), None) is not None:
                 self._dirty[key] = None
 
-    def _drop_stale(self, key: SizeKey, entry: _Entry) -> None:
+    def _drop_stale(self, key: SizeKey, packed_key: int, entry: int) -> None:
         with self._lock:
-            if self._entries.get(key) is entry:  # not replaced by a put meanwhile
-                del self._entries[key]
+            if self._entries.get(packed_key) == entry:  # not replaced by a put meanwhile
+                del self._entries[packed_key]
                 self._dirty[key] = None
                 self._stale_drops += 1
 
@@ -327,6 +375,25 @@ class SizeCache:
             loaded=self._loaded,
             load_ns=self._load_ns,
             persistent=self._conn is not None,
+            file_bytes=self._file_bytes(),
+            memory_bytes=self._memory_bytes(),
+        )
+
+    def _file_bytes(self) -> int:
+        total = 0
+        if self._path is not None:
+            for suffix in ("", "-wal"):
+                with contextlib.suppress(OSError):
+                    total += self._path.with_name(self._path.name + suffix).stat().st_size
+        return total
+
+    def _memory_bytes(self) -> int:
+        entries = self._entries
+        sample = next(iter(entries.items()), None)
+        if sample is None:
+            return sys.getsizeof(entries)
+        return sys.getsizeof(entries) + len(entries) * (
+            sys.getsizeof(sample[0]) + sys.getsizeof(sample[1])
         )
 
     def _flush_locked(self) -> int:
@@ -357,9 +424,9 @@ class SizeCache:
         excess = len(self._entries) - self._max_entries
         if excess <= 0:
             return
-        for key in list(itertools.islice(self._entries, excess)):
-            del self._entries[key]
-            self._dirty[key] = None
+        for packed_key in list(itertools.islice(self._entries, excess)):
+            del self._entries[packed_key]
+            self._dirty[_key_tuple(packed_key)] = None
         self._pruned += excess
 
     def _requeue(self, batch: dict[SizeKey, _Pending]) -> None:
@@ -417,9 +484,9 @@ class SizeCache:
             return
         with self._lock:  # everything in memory must be written to the new file
             self._dirty = {}
-            for key, entry in self._entries.items():
+            for packed_key, entry in self._entries.items():
                 self._seq += 1
-                self._dirty[key] = (entry, self._seq)
+                self._dirty[_key_tuple(packed_key)] = (_unpack(entry), self._seq)
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -451,7 +518,7 @@ class SizeCache:
     @classmethod
     def _connect(
         cls, path: Path, *, load: bool
-    ) -> tuple[sqlite3.Connection, dict[SizeKey, _Entry], int]:
+    ) -> tuple[sqlite3.Connection, dict[int, int], int]:
         """Connect, check or create the schema, and (if `load`) read every entry."""
         conn = sqlite3.connect(
             path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
@@ -520,20 +587,20 @@ class SizeCache:
                     source.unlink()
 
 
-def _load(conn: sqlite3.Connection) -> dict[SizeKey, _Entry]:
-    """Read every valid row, in put order, into the in-memory dict.
+def _load(conn: sqlite3.Connection) -> dict[int, int]:
+    """Read every valid row, in put order, into the in-memory dict (packed, see _pack).
 
-    The cyclic GC is paused meanwhile: the 300k fresh tuples per 100k rows would trigger
+    The cyclic GC is paused meanwhile: the fresh objects of a large load would trigger
     collections that rescan everything alive and more than double the load time.
     """
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         return {
-            (dev + _U64 if dev < 0 else dev, ino + _U64 if ino < 0 else ino): (
-                (size, mtime_ns, ctime_ns),
-                NOT_FORMATTED if logical is None else logical,
-            )
+            (dev + _U64 if dev < 0 else dev) << 64 | (ino + _U64 if ino < 0 else ino): size
+            | (mtime_ns + _OFFSET) << 64
+            | (ctime_ns + _OFFSET) << 128
+            | (0 if logical is None else logical + 1) << 192
             for dev, ino, size, mtime_ns, ctime_ns, logical in conn.execute(_LOAD)
         }
     finally:
