@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -638,7 +638,19 @@ class Ctx:
             print(f"  VERIFY FAILED: {contender}: {what} differs from the source", flush=True)
 
 
-Record = Callable[[str, str, float], None]  # (column, row, value)
+class Record(Protocol):
+    def __call__(self, column: str, row: str, value: float, disturbed: bool = False) -> None:
+        """One sample; `disturbed`: another process dropped the page cache meanwhile."""
+
+
+def page_cache_drops() -> int:
+    """How often anyone wrote to drop_caches since boot (/proc/vmstat drop_pagecache): on
+    a shared machine another process's drop turns a 'warm' row cold."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/vmstat") as f:
+        for line in f:
+            if line.startswith("drop_pagecache "):
+                return int(line.split()[1])
+    return 0
 
 
 def prefault(ctx: Ctx) -> None:
@@ -701,11 +713,12 @@ def dataset_rows_on(c: Contender, ds: Dataset, ctx: Ctx, record: Record) -> None
     record(name, f"{ds.key}-ratio-apparent", apparent)
     c.remount()
     ctx.caches.drop()
+    drops = page_cache_drops()
     got: list[int] = []
     dt = timed(lambda: got.append(read_tree(tree)))
     record(name, f"{ds.key}-read-cold", ds.bytes / dt / MB)
     dt = timed(lambda: got.append(read_tree(tree)))
-    record(name, f"{ds.key}-read-warm", ds.bytes / dt / MB)
+    record(name, f"{ds.key}-read-warm", ds.bytes / dt / MB, page_cache_drops() != drops)
     same = got == [ds.bytes, ds.bytes] and digest_tree(tree) == ds.digests
     ctx.verify(name, ds.key, same)
 
@@ -733,8 +746,9 @@ def random_reads(c: Contender, ctx: Ctx, record: Record) -> None:
     record(c.name, "rr-coldish", preads())
     c.remount()
     ctx.caches.drop()
+    drops = page_cache_drops()
     record(c.name, "rr-cold", preads())
-    record(c.name, "rr-warm", preads())
+    record(c.name, "rr-warm", preads(), page_cache_drops() != drops)
     ctx.verify(c.name, "rand-read", file_digest(path) == digest_of(ctx.rand_read_content))
     path.unlink()
     os.sync()
@@ -858,6 +872,12 @@ def pipe(first: list[str], second: list[str], stdout: Path | None = None) -> Non
 # --------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------
+
+
+def clean_samples(values: list[float], disturbed: list[int]) -> list[float]:
+    """The samples no other process disturbed, or all of them if none is left."""
+    kept = [v for i, v in enumerate(values) if i not in disturbed]
+    return kept or values
 
 
 def render_table(medians: dict[str, dict[str, float]]) -> str:
@@ -1076,13 +1096,19 @@ def _run(args: argparse.Namespace, sizes: Sizes, work: Path, live: list[Contende
         repeat_to(corpus, sizes.rand_read_file), repeat_to(corpus, sizes.rand_write_file),
     )  # fmt: skip
     samples: dict[str, dict[str, list[float]]] = {}
+    #: column -> row -> indexes of samples taken while someone else dropped the page cache
+    disturbances: dict[str, dict[str, list[int]]] = {}
     errors: dict[str, str] = {}
     orders: list[list[str]] = []
     active = list(contenders)
     t_start = time.monotonic()
 
-    def record(column: str, row: str, value: float) -> None:
-        samples.setdefault(column, {}).setdefault(row, []).append(value)
+    def record(column: str, row: str, value: float, disturbed: bool = False) -> None:
+        values = samples.setdefault(column, {}).setdefault(row, [])
+        if disturbed:
+            disturbances.setdefault(column, {}).setdefault(row, []).append(len(values))
+            note(f"{column} {row}: another process dropped the page cache during the row")
+        values.append(value)
 
     for rep in range(args.repeat):
         k = rep % len(active) if active else 0
@@ -1122,8 +1148,11 @@ def _run(args: argparse.Namespace, sizes: Sizes, work: Path, live: list[Contende
             break
 
     env["load after"] = suite.describe_load()
-    medians = {col: {r: statistics.median(v) for r, v in rows.items()}
-               for col, rows in samples.items()}  # fmt: skip
+    medians = {
+        col: {r: statistics.median(clean_samples(v, disturbances.get(col, {}).get(r, [])))
+              for r, v in rows.items()}
+        for col, rows in samples.items()
+    }  # fmt: skip
     print(f"\nresults: median of {args.repeat} repetition(s), "
           f"{time.monotonic() - t_start:.0f}s.\n{LEGEND}\n")  # fmt: skip
     print(render_table(medians))
@@ -1133,8 +1162,13 @@ def _run(args: argparse.Namespace, sizes: Sizes, work: Path, live: list[Contende
         print(suite.render_spread([r for r in ROWS if any(r.name in samples[n] for n in names)],
                                   names, samples))  # fmt: skip
     for name, entries in ctx.details.items():
-        for entry in entries:
-            print(f"  {name}: {json.dumps(entry)}")
+        for i, entry in enumerate(entries, 1):
+            print(f"  {name}, repetition {i}: {json.dumps(entry)}")
+    left_out = [f"{col} {row} x{len(ix)}" for col, rows in disturbances.items()
+                for row, ix in rows.items()]  # fmt: skip
+    if left_out:
+        print("samples taken while another process dropped the page cache, left out of the "
+              f"medians where others remain: {', '.join(left_out)}")
     failed = [f"{c}: {w}" for c, checks in ctx.verified.items() for w, ok in checks.items()
               if not ok]  # fmt: skip
     checked = sum(len(v) for v in ctx.verified.values())
@@ -1157,6 +1191,7 @@ def _run(args: argparse.Namespace, sizes: Sizes, work: Path, live: list[Contende
             "targets": {r: {"versus": b, "at_least": t} for r, (b, t) in TARGETS.items()},
             "samples": samples,
             "medians": medians,
+            "disturbed": disturbances,
             "verified": ctx.verified,
             "details": ctx.details,
             "orders": orders,

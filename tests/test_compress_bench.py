@@ -95,6 +95,10 @@ def test_quick_run_reads_back_the_source_everywhere_and_cleans_up(tmp_path: Path
     for name, rows in doc["samples"].items():
         for row, values in rows.items():
             assert len(values) == 1 and values[0] > 0, (name, row, values)
+    # Samples another process's drop_caches disturbed are named by index (warm rows only).
+    for name, rows in doc["disturbed"].items():
+        for row, indexes in rows.items():
+            assert row.endswith("warm") and indexes == [0], (name, row, indexes)
     # isofs compress stores less than the logical bytes; passthrough stores them as they are.
     for ds in ("src", "bin"):
         assert doc["samples"]["isofs-compress"][f"{ds}-ratio-apparent"][0] > 1.0
