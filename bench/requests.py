@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
+import os
 import shutil
 import signal
 import subprocess
@@ -50,6 +52,10 @@ class Contender:
     mount: Callable[[Path, Path, Path], subprocess.Popen[bytes] | None]
     #: Prefix that runs a command in the view whose requests are counted.
     runner: tuple[str, ...] = ()
+    #: Run commands with the mount as working directory (`isofs exec --view target` then
+    #: enters that mount's target-view daemon, whose own mount is traced).
+    in_mount: bool = False
+    mount_point: Path | None = None
 
 
 def isofs(*args: str) -> list[str]:
@@ -94,6 +100,9 @@ def _gocryptfs(work: Path, src: Path, mnt: Path) -> None:
 
 
 TARGET = tuple(isofs("exec", "--view", "target", "--"))
+#: A copy of the interpreter that the two-view mount's rule makes a target (its children too).
+TARGET_PYTHON = str(Path(tempfile.gettempdir()) / f"isofs-requests-python-{os.getpid()}")
+RUN_CHILD = "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"
 CONTENDERS = {
     "minimal": Contender("minimal pyfuse3", _minimal),
     "gocryptfs": Contender("gocryptfs", _gocryptfs),
@@ -103,7 +112,13 @@ CONTENDERS = {
         _isofs_mount("encrypt", "--default-view", "target", "--no-exec"),
     ),
     "isofs-enc-2v": Contender(
-        "isofs encrypt, two views (target)", _isofs_mount("encrypt"), runner=TARGET
+        "isofs encrypt, two views (target by rule)",
+        _isofs_mount("encrypt", "--target", f"ancestor={TARGET_PYTHON}"),
+        runner=(TARGET_PYTHON, "-c", RUN_CHILD),
+    ),
+    "isofs-enc-exec": Contender(
+        "isofs encrypt, isofs exec --view target (own mount)",
+        _isofs_mount("encrypt"), runner=TARGET, in_mount=True,
     ),
     "isofs-enc-2v-native": Contender(
         "isofs encrypt, two views (native)", _isofs_mount("encrypt")
@@ -175,27 +190,46 @@ def contender_mount(contender: Contender, work: Path) -> Iterator[Path]:
 
 
 def run_in(contender: Contender, *argv: str) -> None:
-    subprocess.run([*contender.runner, *argv], check=True, capture_output=True, cwd="/")
+    cwd = str(contender.mount_point) if contender.in_mount else "/"
+    subprocess.run([*contender.runner, *argv], check=True, capture_output=True, cwd=cwd)
+
+
+def tracer(contender: Contender, mnt: Path) -> FuseTrace:
+    """The trace of the mount the contender's commands reach."""
+    if not contender.in_mount:
+        return FuseTrace.for_mount(mnt)
+    status = json.loads(subprocess.run(isofs("status", str(mnt), "--json"), check=True,
+                                       capture_output=True, text=True).stdout)  # fmt: skip
+    pid = status["target_view_daemon"]
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(mnt):
+            major, minor = (int(x) for x in fields[2].split(":"))
+            return FuseTrace((major << 20) | minor)
+    raise RuntimeError("the target-view daemon has no mount")
 
 
 def measure(contender: Contender, mnt: Path, n: int) -> dict[str, RequestCounts]:
     results: dict[str, RequestCounts] = {}
+    contender.mount_point = mnt
+    if contender.in_mount:
+        run_in(contender, "true")  # starts the target-view daemon
     for name, (setup, body) in OPERATIONS.items():
         d = mnt / name.replace("+", "_")
         if setup == "files":
             run_in(contender, PY, "-c", SETUP_FILES, str(d), str(n))
             subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=True)
             time.sleep(1.2)  # name and attribute timeouts run out
-        with FuseTrace.for_mount(mnt) as trace:
+        with tracer(contender, mnt) as trace:
             run_in(contender, PY, "-c", body, str(d), str(n))
         results[name] = trace.result
     tar = mnt.parent / "t.tar"
     tar.write_bytes(make_tar(n))
-    with FuseTrace.for_mount(mnt) as trace:
+    with tracer(contender, mnt) as trace:
         run_in(contender, "tar", "-xf", str(tar), "-C", str(mnt))
     results["tar -x (per file)"] = trace.result
     time.sleep(1.2)
-    with FuseTrace.for_mount(mnt) as trace:
+    with tracer(contender, mnt) as trace:
         run_in(contender, "ls", "-lR", str(mnt / "t"))
     results["ls -l (per entry)"] = trace.result
     return results
@@ -206,6 +240,7 @@ def main() -> int:
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--n", type=int, default=200)
     args = parser.parse_args()
+    shutil.copy2(os.path.realpath(sys.executable), TARGET_PYTHON)
     table: dict[str, dict[str, RequestCounts]] = {}
     for key in args.contenders.split(","):
         contender = CONTENDERS[key]
@@ -215,6 +250,7 @@ def main() -> int:
                 table[contender.name] = measure(contender, mnt, args.n)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    os.unlink(TARGET_PYTHON)
     units = {"ls -l (per entry)": args.n + 10 + 1}
     for contender, results in table.items():
         print(f"\n## {contender}")
