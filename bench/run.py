@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from isofs.daemon.runtime import processes_naming
 from isofs.mountinfo import mount_table
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -227,19 +228,7 @@ def stop_pid(pid: int, grace: float = 5.0) -> None:
 
 def pids_with_arg(arg: str) -> list[int]:
     """PIDs whose command line holds ``arg`` as one argument (a unique mount point)."""
-    found = []
-    want = arg.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if want in argv:
-            found.append(int(entry))
-    return found
+    return list(processes_naming(arg))
 
 
 def fusermount_u(mnt: Path, timeout: float = 30.0) -> None:

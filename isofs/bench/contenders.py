@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from isofs.core.sizecache import DB_FILE_NAME
+from isofs.daemon import runtime
 from isofs.daemon.control import request_status
 from isofs.daemon.runtime import MountRecord, is_mounted
 from isofs.daemon.serve import daemon_environment
@@ -62,19 +63,11 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 def _daemons_serving(mountpoint: str) -> list[int]:
     """PIDs of isofs daemons whose command line names `mountpoint` (no record needed)."""
-    wanted = os.fsencode(mountpoint)
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if wanted in argv and (b"isofs" in argv or b"isofs.bench.minimal" in argv):
-            found.append(int(entry))
-    return found
+    return [
+        pid
+        for pid, argv in runtime.processes_naming(mountpoint).items()
+        if b"isofs" in argv or b"isofs.bench.minimal" in argv
+    ]
 
 
 def _stop(pid: int) -> None:

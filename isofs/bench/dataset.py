@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import stat
 import zlib
 from dataclasses import dataclass, field
 
@@ -152,21 +151,9 @@ def native_expectations(root: str) -> dict[str, tuple[int, int]]:
 
 def file_paths(root: str) -> list[str]:
     """Relative paths of the regular files under `root`, metadata directory left out."""
-    out = []
-    pending = [""]
-    while pending:
-        relative = pending.pop()
-        with os.scandir(os.path.join(root, relative) if relative else root) as listing:
-            for entry in listing:
-                if not relative and entry.name == META_DIR:
-                    continue
-                path = os.path.join(relative, entry.name) if relative else entry.name
-                mode = entry.stat(follow_symlinks=False).st_mode
-                if stat.S_ISDIR(mode):
-                    pending.append(path)
-                elif stat.S_ISREG(mode):
-                    out.append(path)
-    return sorted(out)
+    from isofs.bench.helper import walk
+
+    return sorted(path for path, entry in walk(root) if entry.is_file(follow_symlinks=False))
 
 
 def count_entries(root: str) -> int:

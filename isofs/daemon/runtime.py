@@ -86,6 +86,24 @@ def is_mounted(path: str) -> bool:
     return path in mounted_filesystems()
 
 
+def processes_naming(argument: str | bytes) -> dict[int, list[bytes]]:
+    """PID -> command line of every other process whose command line holds `argument` as one
+    argument (a mount point names its daemon, whatever record it left)."""
+    wanted = os.fsencode(argument)
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if wanted in argv:
+            found[int(entry)] = argv
+    return found
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
