@@ -258,6 +258,12 @@ class Layer(abc.ABC):
         """Logical size computed from the lower size alone, or None when it cannot be."""
         return None
 
+    def size_probe(self, lower_size: int) -> list[tuple[int, int]]:
+        """(offset, length) ranges of the lower file that `is_formatted` and `open(...).size()`
+        read: a listing that measures many files asks the kernel to read them ahead for all
+        of them at once (a cold first listing then waits for the disk once, not per file)."""
+        return [(0, 4096)]
+
     # -- maintenance capabilities (fsck, repair, migrate); the defaults are generic ---------
 
     def last_valid_size(self, lower: RandomAccessFile) -> int:
@@ -701,6 +707,10 @@ class Stack:
         if len(transforms) > 1:
             raise ProviderError("only one provider of a stack may transform file names")
         return transforms[0] if transforms else None
+
+    def size_probe(self, native_size: int) -> list[tuple[int, int]]:
+        """What measuring a file reads of the native file (the bottom layer knows)."""
+        return self.layers[0].size_probe(native_size) if self.layers else []
 
     def logical_size(self, native_size: int) -> int | None:
         """Logical size from the native size alone, when every layer can compute it."""

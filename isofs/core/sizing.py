@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: Just-measured sizes the cache would not keep are remembered this long, at most this many.
 MEMO_SECONDS = 1.0
+#: Files measured together: opened, read ahead, then measured (bounded descriptors).
+READAHEAD_GROUP = 64
 MAX_MEMO = 100_000
 
 
@@ -135,17 +137,37 @@ class Sizer:
             os.close(fd)
 
     def _measure_names(self, dir_fd: int, names: Iterable[str]) -> list[Measured]:
+        """Measure files in groups: open a group, ask the kernel to read ahead what measuring
+        reads (`Stack.size_probe`) for all of them, then measure each. On a cold page cache
+        the disk then serves a group's reads together instead of one file at a time."""
         found = []
-        for name in names:
+        names = list(names)
+        for start in range(0, len(names), READAHEAD_GROUP):
+            fds = []
             try:
-                fd = native.open_keeping_atime(dir_fd, name, os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError:
-                continue  # gone or unreadable: the listing's own lookup will say
-            try:
-                found.append(self._measure_fd(fd))
+                for name in names[start : start + READAHEAD_GROUP]:
+                    try:
+                        fds.append(
+                            native.open_keeping_atime(dir_fd, name, os.O_RDONLY | os.O_NOFOLLOW)
+                        )
+                    except OSError:
+                        continue  # gone or unreadable: the listing's own lookup will say
+                for fd in fds:
+                    self._read_ahead(fd)
+                for fd in fds:
+                    found.append(self._measure_fd(fd))
             finally:
-                os.close(fd)
+                for fd in fds:
+                    os.close(fd)
         return found
+
+    def _read_ahead(self, fd: int) -> None:
+        try:
+            size = os.fstat(fd).st_size
+            for offset, length in self.stack.size_probe(size):
+                os.posix_fadvise(fd, max(0, offset), length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # only a hint
 
     # -- asynchronous entry points (event loop) ---------------------------------------------
 

@@ -83,6 +83,12 @@ class CompressLayer(Layer):
     def is_formatted(self, lower: RandomAccessFile) -> bool:
         return fmt.looks_like_header(lower.read(0, fmt.HEADER_SIZE))
 
+    def size_probe(self, lower_size: int) -> list[tuple[int, int]]:
+        """`open` reads the header and the file's last TAIL_READ bytes (the seek table)."""
+        if lower_size <= SMALL_FILE:
+            return [(0, lower_size)]
+        return [(0, fmt.HEADER_SIZE), (lower_size - TAIL_READ, TAIL_READ)]
+
     def open(self, lower: RandomAccessFile) -> CompressedFile:
         size = lower.size()
         if size <= SMALL_FILE:
