@@ -34,10 +34,10 @@ HEADER = struct.Struct(">8sHBBIIIQQQQ16s16s")
 
 
 def header_of(native: bytes) -> dict[str, int]:
-    """The live header (FORMAT-dedup.md: two slots at 0 and 512, the valid one with the
+    """The live header (FORMAT-dedup.md: two slots at 0 and 128, the valid one with the
     highest generation wins; its digest is BLAKE2b-128 of the 72 bytes before it)."""
     best: dict[str, int] | None = None
-    for offset in (0, 512):
+    for offset in (0, 128):
         raw = native[offset : offset + HEADER.size]
         if len(raw) < HEADER.size:
             continue

@@ -3,12 +3,12 @@
 Layout inside the one lower file the layer gets::
 
     offset    0   header slot 0 (88 bytes)
-    offset  512   header slot 1 (88 bytes)
-    offset 1024+  entry lists: (chunk id 32 bytes, length u32 big-endian) per chunk
+    offset  128   header slot 1 (88 bytes)
+    offset  256+  entry lists: (chunk id 32 bytes, length u32 big-endian) per chunk
 
 The live header is the valid slot with the highest generation; it points at the live entry
 list and carries its digest. An update writes the new list where it overlaps neither slot
-nor the live list (at offset 1024 when it fits before the live list, else right after it),
+nor the live list (at offset 256 when it fits before the live list, else right after it),
 then the new header into the other slot: one small write flips the file from the old
 manifest to the new one, and a crash before it leaves the old one untouched. After the
 flip the file is cut back to the end of the new list. A list whose digest fails (it never
@@ -36,8 +36,11 @@ from isofs_providers.dedup.store.base import CHUNK_ID_SIZE
 MAGIC = b"ISOFSDD\x01"
 VERSION = 1
 FLAG_KEYED = 1
-SLOT_OFFSETS = (0, 512)
-DATA_START = 1024
+#: Both slots sit in the file's first 512 bytes: a one-chunk manifest is 292 bytes (with the
+#: slots 512 bytes apart it took 1 KiB, and small files' manifests cost a tenth of the
+#: dedup ratio). One sector holds both either way on disks with 4 KiB sectors.
+SLOT_OFFSETS = (0, 128)
+DATA_START = 256
 ENTRY_SIZE = CHUNK_ID_SIZE + 4
 #: Chunk id of a run of zeros (a hole): never stored, never referenced.
 ZERO_ID = bytes(CHUNK_ID_SIZE)
