@@ -655,7 +655,7 @@ def render_table(names: list[str], med: dict[str, dict[str, float]]) -> tuple[st
             marks.append("-" if met is None else "met" if met else "MISSED")
             verdicts.append({"row": row.name, "contender": n, "base": row.base, "ratio": r,
                              "target": row.target, "met": met})  # fmt: skip
-        target = f">= {row.target:.2f}x" if row.target is not None else "-"
+        target = f">={row.target:.2f}x" if row.target is not None else "-"
         lines.append([row.name, row.unit, *values, "|", row.base or "-", *ratios, target, *marks])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
