@@ -836,7 +836,9 @@ def _run(args: argparse.Namespace, work: Path, live: list[Any], engines: list[An
     if not contenders:
         raise BenchError("no contender can run here")
 
-    env = suite.environment(work, [c for c in contenders if isinstance(c, IsofsMount)])
+    # suite.environment() adds each contender's version(): isofs's, not radosgw's (below).
+    isofs_mounts = [c for c in contenders if isinstance(c, IsofsMount)]
+    env = suite.environment(work, [c for c in isofs_mounts if not isinstance(c, DedupS3Mount)])
     for c in contenders:
         if isinstance(c, Borg) and "borg version" not in env:
             env["borg version"] = c.version()
