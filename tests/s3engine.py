@@ -216,7 +216,7 @@ public addr = {HOST}
 cluster addr = {HOST}
 
 [client.rgw.a]
-rgw frontends = beast endpoint={HOST}:{{rgw_port}}
+rgw frontends = beast endpoint={HOST}:{{rgw_port}} tcp_nodelay=1
 rgw init timeout = 60
 rgw dns name = {HOST}
 rgw enable usage log = false

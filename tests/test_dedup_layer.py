@@ -663,9 +663,10 @@ class Secrets:
 def test_store_specs():
     assert parse_store("local") == ("local", "", "")
     assert parse_store("s3://bucket/some/prefix/") == ("s3", "bucket", "some/prefix")
-    for bad in ("s3://", "nfs://x", "s3:///x", ""):
+    for bad in ("s3://", "nfs://x", "s3:///x", "", "s3://w/p", "s3://Upper/p", "s3://-x-/p"):
         with pytest.raises(ProviderError):
             parse_store(bad)
+    assert parse_store("s3://isofs-bench.1/p") == ("s3", "isofs-bench.1", "p")
 
 
 def test_initialise_records_the_chunking_and_refuses_bad_options(tmp_path: Path):

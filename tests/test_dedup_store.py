@@ -406,7 +406,9 @@ def test_arbitrary_pack_bytes_and_index_rows(tmp_path_factory, garbage, keep_hea
     finally:
         tracemalloc.stop()
         store.close()
-    assert peak < 4 * 1024 * 1024
+    # Lengths claimed reach 2^62 bytes: a peak this far below them means none was allocated.
+    # (zstd's decompression contexts and SQLite's page cache take a few MiB of their own.)
+    assert peak < 8 * 1024 * 1024
     assert time.monotonic() - started < 2.0
     assert isinstance(summary["unreadable"], list)
 

@@ -10,6 +10,7 @@ digests so that a native-view process cannot forge one (it can still copy one wh
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -94,9 +95,18 @@ def parse_store(spec: str) -> tuple[str, str, str]:
         return "local", "", ""
     if spec.startswith("s3://"):
         bucket, _, prefix = spec[len("s3://") :].partition("/")
-        if bucket and "/" not in bucket:
+        if bucket and not _BUCKET_NAME.fullmatch(bucket):
+            raise ProviderError(
+                f"dedup: option store: {bucket!r} is not an S3 bucket name (3-63 lowercase "
+                "letters, digits, dots and hyphens, starting and ending with a letter or digit)"
+            )
+        if bucket:
             return "s3", bucket, prefix.strip("/")
     raise ProviderError(f"dedup: option store: {spec!r} is neither local nor s3://BUCKET/PREFIX")
+
+
+#: S3's rules for bucket names (the common subset of AWS's and Ceph RGW's).
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 def open_store(
