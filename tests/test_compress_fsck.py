@@ -379,6 +379,99 @@ def test_a_write_out_killed_midway_leaves_old_or_new_frames_that_fsck_recovers(
     assert maintenance.fsck(src, stack).clean
 
 
+def _with_headroom(stack: Stack, path: Path, frames: int) -> bytes:
+    """A file of `frames` full frames of text whose frame 0 outgrew its slot once: every
+    slot has headroom (so that a later growth can borrow its neighbours' room)."""
+    data = bytearray(text(frames * F, 3))
+    write_formatted(stack, path, bytes(data))
+    data[10:5010] = os.urandom(5000)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        upper = CompressLayer(F).open(NativeFile(fd))
+        upper.write(10, data[10:5010])
+        upper.flush()
+    finally:
+        os.close(fd)
+    return bytes(data)
+
+
+def _rewrite_changes(
+    path: Path, old: bytes, new: bytes, budget: int
+) -> tuple[CrashingFile, dict[str, object]]:
+    """Write every 4 KiB piece that differs between `old` and `new` (and what `new` adds),
+    then flush, through a file that dies after `budget` bytes of writes; the lower file and
+    the layer's counters."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        lower = CrashingFile(fd, budget)
+        layer = CompressLayer(F)
+        upper = layer.open(lower)
+        for start in range(0, len(new), 4096):
+            if new[start : start + 4096] != old[start : start + 4096]:
+                upper.write(start, new[start : start + 4096])
+        with contextlib.suppress(KeyboardInterrupt):
+            upper.flush()
+        return lower, layer.statistics()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("case", ["run", "run and append", "run and relayout"])
+def test_a_local_relayout_killed_after_any_write_leaves_old_or_new_frames(
+    tmp_path, source, case, monkeypatch
+):
+    """Frame 20 outgrows its headroom and borrows its neighbours' room (a local run, staged
+    past the seek table, then copied down), frame 2 changes in place; with an append, or with
+    frame 30 outgrowing what a run may borrow so that the rest is laid out again too. Killed
+    at the start, in the middle and at the end of every write (and at the final cut), every
+    frame is afterwards old or new and none is lost (appended frames may be only partly
+    there, as with any append)."""
+    src, stack = source
+    path = src / "victim"
+    old = _with_headroom(stack, path, 40)
+    pristine = tmp_path / "pristine"
+    shutil.copy(path, pristine)
+    new = bytearray(old)
+    new[2 * F : 2 * F + 8192] = bytes(8192)  # compresses better: fits in place
+    new[20 * F + 4096 : 20 * F + 16384] = os.urandom(12288)  # more than its headroom
+    if case == "run and append":
+        new += text(2 * F + 100, 5)
+    if case == "run and relayout":
+        new[30 * F : 31 * F] = os.urandom(F)
+        monkeypatch.setattr("isofs_providers.compress.file.LOCAL_LIMIT", 200_000)
+    new = bytes(new)
+    dry = tmp_path / "dry"
+    shutil.copy(pristine, dry)
+    lower, stats = _rewrite_changes(dry, old, new, 10**12)
+    assert read_through(stack, dry) == new
+    relayouts = 0 if case == "run" else 1
+    assert (stats["local_relayouts"], stats["tail_rewrites"]) == (1, relayouts), stats
+    log = lower.log
+    budgets = {10**12, sum(length for _, length in log)}  # no kill; killed at the cut
+    done = 0
+    for _, length in log:
+        budgets.update({done, done + 1, done + length // 2, done + length - 1})
+        done += length
+    for budget in sorted(budgets):
+        shutil.copy(pristine, path)
+        _rewrite_changes(path, old, new, budget)
+        report = maintenance.fsck(src, stack, repair=True, stamp=STAMP)
+        if not report.clean:
+            found = only(report)
+            assert found.repaired and lost_ranges(found) == [], (budget, found.line())
+        result = read_through(stack, path)
+        if case == "run and append":  # appended frames are written in order, not staged
+            assert len(old) <= len(result) <= len(new) and len(result) % F in (0, 100), budget
+        else:
+            assert len(result) in (len(old), len(new)), budget
+        for index in range(-(-len(result) // F)):
+            got = result[index * F : (index + 1) * F]
+            choices = (old[index * F : (index + 1) * F], new[index * F : (index + 1) * F])
+            assert got in choices, (budget, index)
+        assert result == zstd_cli(path), budget
+        shutil.rmtree(src / ".isofs" / "lost+found", ignore_errors=True)
+
+
 # ---------------------------------------------------------------------- migrate
 
 

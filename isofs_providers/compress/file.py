@@ -7,15 +7,19 @@ too many dirty frames, encodes them and writes them out:
 
 - a frame whose new encoding fits its old slot is written in place, the slot's trailer
   growing over the slack (so slack of any size, 1..7 bytes included, costs nothing);
-- from the first frame that does not fit (or the first new frame) on, the rest of the file
-  is laid out again. When old slots have to move, the new run of slots and its seek table
+- a frame that does not fit borrows the spare room of the slots around it when they have
+  enough: that run of slots is laid out again over the bytes it occupies (staged past the
+  seek table first), and nothing else moves;
+- otherwise, from the first frame that does not fit (or the first new frame) on, the rest of
+  the file is laid out again. When old slots have to move, the new run of slots and its seek table
   are first staged past the end of the file, with spare copies of the slots rewritten in
   place; then the in-place writes; then the staged run is copied down over the old slots and
   the file cut after it. Until then every frame has an intact copy, old or new, that fsck's
   scan finds. Without slots to move (appends, a last frame that grew) the run is written
   where it belongs at once. When a frame that was full outgrew its slot, every slot laid out
   again gets headroom (an eighth of its frame, or twice the largest growth seen) so
-  that the next rewrite likely fits;
+  that the next rewrite likely fits; when the file had taken rewrites before, the whole
+  file is laid out again, so that all of it gets headroom at once;
 - then the seek table: only the changed entries when the layout did not move, else whole.
 
 Everything here runs under the section lock (exclusive for writes, truncate and flush), so
@@ -44,6 +48,9 @@ if TYPE_CHECKING:
 DIRTY_LIMIT = 8 << 20
 #: Bytes per lower write when laying out the rest of a file again.
 WRITE_CHUNK = 1 << 20
+#: The longest run of slots a frame that outgrew its slot lays out again in their own place,
+#: borrowing their spare room, before the rest of the file is laid out again instead.
+LOCAL_LIMIT = 2 << 20
 #: Decoded frames kept for partial reads and read-modify-write (per file).
 CLEAN_FRAMES = 2
 #: Incompressible-file heuristic: after this many frames in a row that did not shrink, stop
@@ -109,6 +116,8 @@ class CompressedFile:
         self._broken = False
         #: The largest growth of a full frame past its slot seen (sizes later headroom).
         self._growth = 0
+        #: A full stored frame was rewritten by an earlier write-out of this object.
+        self._rewritten = False
         self._misses = 0
         self._skip = 0
         self._next_skip = INITIAL_SKIP
@@ -386,23 +395,20 @@ class CompressedFile:
         for index in range(self._valid, count):
             if index not in encoded:
                 encoded[index] = self._codec.zero_frame(self._length(index))
-        first_move, grew = count, False
-        for index in sorted(encoded):
-            if index >= self._valid:
-                first_move = min(first_move, index)
-                break
-            if len(encoded[index]) + fmt.TRAILER_MIN > self._slot_sizes[index]:
-                first_move = min(first_move, index)
-                if self._stored_length(index) == self.frame_size:
-                    grew = True
-                    self._growth = max(self._growth, self._growth_of(index, encoded[index]))
         generation = self._generation()
+        first_move, grew, runs = self._plan(encoded, count, generation)
         kept_end = min(first_move, self._valid)
         sizes = self._slot_sizes[:kept_end]
         checksums = self._checksums[:kept_end]
         for index in range(kept_end):
             if index in encoded:
                 checksums[index] = fmt.frame_checksum(encoded[index])
+        relaid: set[int] = set()
+        for run in runs:
+            for index, (slot, checksum) in enumerate(zip(run.slots, run.checksums, strict=True)):
+                sizes[run.first + index] = len(slot)
+                checksums[run.first + index] = checksum
+            relaid.update(range(run.first, run.stop))
         region: _Region | None = None
         if first_move < count:
             region = self._lay_out(first_move, count, encoded, grew, generation)
@@ -412,12 +418,24 @@ class CompressedFile:
         lengths = array("I", [self.frame_size]) * count
         if count:
             lengths[-1] = self._length(count - 1)
-        in_place = [i for i in sorted(encoded) if i < first_move]
+        in_place = [i for i in sorted(encoded) if i < first_move and i not in relaid]
         table_at = self._offsets[kept_end] + (region.length if region else 0)
         written = region.length if region else 0
+        rewrites = any(
+            i < self._valid and self._stored_length(i) == self.frame_size for i in self._dirty
+        )
         if region is None and count == self._stored:
-            written += self._write_in_place(in_place, encoded, generation)
-            written += self._update_entries(in_place, sizes, lengths, checksums, table_at)
+            if runs:
+                written += self._write_runs(runs, in_place, encoded, generation)
+                changed = sorted(relaid.union(in_place))
+                written += self._finish(
+                    lambda: self._update_entries(changed, sizes, lengths, checksums, table_at)
+                )
+                table_end = table_at + fmt.table_size(count + 1)
+                self._finish(lambda: self._lower.truncate(table_end))
+            else:
+                written += self._write_in_place(in_place, encoded, generation)
+                written += self._update_entries(in_place, sizes, lengths, checksums, table_at)
         else:
             table = fmt.encode_table(
                 array("I", [fmt.HEADER_SIZE]) + sizes,
@@ -425,23 +443,27 @@ class CompressedFile:
                 array("I", [fmt.EMPTY_CHECKSUM]) + checksums,
             )
             if region is not None and region.staged_at is not None:
-                # The table goes after the staged slots, and after it spare copies of the
-                # slots rewritten in place: a kill while one is written leaves its copy.
-                spare = b"".join(
-                    fmt.encode_slot(encoded[i], i, generation, len(encoded[i]) + fmt.TRAILER_MIN)
-                    for i in in_place
-                )
-                self._lower.write(region.staged_at + region.length, table + spare)
-                written += len(table) + len(spare)
+                # The table goes after the staged slots, and after it the slots laid out
+                # again in their own place and spare copies of the slots rewritten in place: a
+                # kill while one is written leaves its copy.
+                staged = region.staged_at + region.length
+                written += len(table) + self._stage(staged, table, runs, in_place, encoded,
+                                                    generation)  # fmt: skip
                 written += self._write_in_place(in_place, encoded, generation)
+                written += self._copy_runs_down(runs)
                 written += self._move_staged(region, table)
             else:
+                if runs:  # staged past both the old end and the new table
+                    staged = max(self._lower.size(), table_at + len(table))
+                    written += self._stage(staged, b"", runs, in_place, encoded, generation)
                 written += self._write_in_place(in_place, encoded, generation)
-                self._lower.write(table_at, table)
+                written += self._copy_runs_down(runs)
+                self._finish(lambda: self._lower.write(table_at, table))
                 written += len(table)
             if self._lower.size() > table_at + len(table):
-                self._lower.truncate(table_at + len(table))
+                self._finish(lambda: self._lower.truncate(table_at + len(table)))
         self._codec.stats.add(lower_bytes_written=written)
+        self._rewritten = self._rewritten or rewrites
         self._slot_sizes, self._checksums = sizes, checksums
         self._offsets = array("Q", accumulate(sizes, initial=fmt.HEADER_SIZE))
         self._stored = self._valid = count
@@ -451,6 +473,185 @@ class CompressedFile:
                 self._remember(index, bytes(self._dirty[index]))
         self._dirty.clear()
         self._layout_changed = False
+
+    def _plan(
+        self, encoded: dict[int, Bytes], count: int, generation: int
+    ) -> tuple[int, bool, list[_Run]]:
+        """Where this write-out lays the rest of the file out again (`count`: nowhere),
+        whether with headroom, and the runs of slots laid out again in their own place.
+
+        A stored frame that outgrew its slot borrows the spare room of the slots around it
+        (`_local_run`) when they have enough, so that nothing else moves. When they do not,
+        the rest of the file is laid out again from that frame, with headroom; and when the
+        file had taken rewrites before (the writes are spread over it, not only here), the
+        whole file is, so that frames before it get headroom too instead of each costing a
+        relayout of the rest when its turn comes.
+        """
+        first_move = self._valid if count > self._valid else count
+        outgrown: list[int] = []
+        for index in sorted(encoded):
+            if index >= self._valid:
+                break
+            if len(encoded[index]) + fmt.TRAILER_MIN > self._slot_sizes[index]:
+                outgrown.append(index)
+                if self._stored_length(index) == self.frame_size:
+                    self._growth = max(self._growth, self._growth_of(index, encoded[index]))
+        runs: list[_Run] = []
+        low = 0
+        for index in outgrown:
+            if index < low:
+                continue  # inside the previous run
+            run = None
+            if any(i not in encoded for i in range(index + 1, self._valid)):
+                run = self._local_run(index, low, min(self._valid, first_move), encoded,
+                                      generation)  # fmt: skip
+            if run is None:  # (with no kept slot after it, the rest moves at no extra cost)
+                first_move = index
+                break
+            runs.append(run)
+            low = run.stop
+        grew = any(
+            self._stored_length(i) == self.frame_size for i in outgrown if i >= first_move
+        )
+        if grew and self._rewritten and first_move > 0:
+            return 0, True, []
+        return first_move, grew, runs
+
+    def _local_run(
+        self, index: int, low: int, high: int, encoded: dict[int, Bytes], generation: int
+    ) -> _Run | None:
+        """Slots around frame `index` (within low..high-1) laid out again over exactly the
+        bytes they occupy, their spare room shared out in proportion to their headroom; None
+        when no run of at most LOCAL_LIMIT bytes (nor one shorter than the rest of the file)
+        has spare room for half the headroom of its frames."""
+        parts = {index: self._part(index, encoded)}
+        first, stop = index, index + 1
+        rest = self._offsets[self._valid] - self._offsets[index]
+        right = True
+        while True:
+            span = self._offsets[stop] - self._offsets[first]
+            spare = span - sum(p.need for p in parts.values())
+            wanted = sum(p.target for p in parts.values())
+            if spare >= 0 and 2 * spare >= wanted:
+                run = self._share_out(first, stop, parts, spare, generation)
+                if run is not None:
+                    return run
+            if span >= min(LOCAL_LIMIT, rest):
+                return None
+            grow_right, grow_left = stop < high, first > low
+            if grow_right and (right or not grow_left):
+                parts[stop] = self._part(stop, encoded)
+                stop += 1
+            elif grow_left:
+                first -= 1
+                parts[first] = self._part(first, encoded)
+            else:
+                return None
+            right = not right
+
+    def _part(self, index: int, encoded: dict[int, Bytes]) -> _Part:
+        """Frame `index` as part of a local run: its new encoding, or its stored frame (read
+        from its slot); a damaged slot is kept as it is, its size unchanged."""
+        frame: Bytes | None = encoded.get(index)
+        slot = b""
+        if frame is None:
+            size = self._slot_sizes[index]
+            slot = bytes(self._lower.read(self._offsets[index], size))
+            if len(slot) == size:
+                with contextlib.suppress(CorruptData):
+                    trailer = fmt.parse_trailer_at_end(memoryview(slot))
+                    frame = slot[: size - trailer.length]
+            if frame is None:
+                return _Part(None, slot.ljust(size, b"\0"), size, 0)
+        target = headroom(len(frame), self.frame_size, self._growth)
+        return _Part(frame, slot, len(frame) + fmt.TRAILER_MIN, target)
+
+    def _share_out(
+        self, first: int, stop: int, parts: dict[int, _Part], spare: int, generation: int
+    ) -> _Run | None:
+        """The run's new slots: each part its need plus a share of `spare` in proportion to
+        its headroom, none past the largest valid slot; None if that cannot be done."""
+        order = range(first, stop)
+        wanted = sum(parts[i].target for i in order)
+        flexible = [i for i in order if parts[i].frame is not None]
+        caps = {i: fmt.max_slot_size(self.frame_size) - parts[i].need for i in flexible}
+        rooms = {i: min(caps[i], spare * parts[i].target // wanted if wanted else 0)
+                 for i in flexible}  # fmt: skip
+        left = spare - sum(rooms.values())
+        for i in sorted(flexible, key=lambda i: -parts[i].target):
+            extra = min(left, caps[i] - rooms[i])
+            rooms[i] += extra
+            left -= extra
+        if left or any(caps[i] < 0 for i in flexible):
+            return None
+        run = _Run(first, stop)
+        for i in order:
+            part = parts[i]
+            if part.frame is None:
+                run.slots.append(part.slot)
+                run.checksums.append(self._checksums[i])
+            else:
+                size = part.need + rooms[i]
+                run.slots.append(fmt.encode_slot(part.frame, i, generation, size))
+                run.checksums.append(
+                    fmt.frame_checksum(part.frame) if part.slot == b"" else self._checksums[i]
+                )
+        return run
+
+    def _stage(
+        self, at: int, head: bytes, runs: list[_Run], in_place: list[int],
+        encoded: dict[int, Bytes], generation: int,
+    ) -> int:  # fmt: skip
+        """Write `head` (a staged layout's table), the local runs' new slots and spare copies
+        of the slots about to be rewritten in place past the end of the file at `at`; bytes
+        written besides `head`. A failure cuts the file back: nothing old changed yet."""
+        spare = b"".join(
+            fmt.encode_slot(encoded[i], i, generation, len(encoded[i]) + fmt.TRAILER_MIN)
+            for i in in_place
+        )
+        staged = b"".join(slot for run in runs for slot in run.slots)
+        before = self._lower.size()
+        try:
+            self._lower.write(at, b"".join((head, staged, spare)))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self._lower.truncate(before)
+            raise
+        self._codec.stats.add(local_bytes=len(staged))
+        return len(staged) + len(spare)
+
+    def _copy_runs_down(self, runs: list[_Run]) -> int:
+        """Write the local runs' slots over the slots they replace (their staged copies stay
+        intact until the file is cut after its seek table)."""
+        written = 0
+        if not runs:
+            return 0
+        for run in runs:
+            blob = b"".join(run.slots)
+            self._finish(lambda run=run, blob=blob: self._lower.write(self._offsets[run.first],
+                                                                      blob))  # fmt: skip
+            written += len(blob)
+        self._codec.stats.add(local_relayouts=len(runs), local_bytes=written)
+        return written
+
+    def _write_runs(
+        self, runs: list[_Run], in_place: list[int], encoded: dict[int, Bytes], generation: int
+    ) -> int:
+        """Local runs without a relayout of the rest: staged past the seek table, then the
+        in-place writes, then copied down (the table's entries and the cut come after)."""
+        written = self._stage(self._lower.size(), b"", runs, in_place, encoded, generation)
+        written += self._write_in_place(in_place, encoded, generation)
+        return written + self._copy_runs_down(runs)
+
+    def _finish(self, step: Callable[[], object]) -> int:
+        """A step after old slots started being overwritten: a failure leaves the file for
+        fsck (its scan finds an intact copy of every frame), and this object refuses work."""
+        try:
+            result = step()
+        except BaseException:
+            self._broken = True
+            raise
+        return result if isinstance(result, int) else 0
 
     def _growth_of(self, index: int, frame: Bytes) -> int:
         """How much frame `index` grew (its old length from its trailer's last 4 bytes)."""
@@ -561,6 +762,27 @@ class CompressedFile:
         room = headroom(len(frame), self.frame_size, self._growth)
         room = max(trailer.length - fmt.TRAILER_MIN, room)
         return fmt.encode_slot(frame, index, generation, len(frame) + fmt.TRAILER_MIN + room)
+
+
+@dataclass
+class _Part:
+    """One frame of a local run: the frame (None: a damaged slot kept as it is), its slot
+    as read (empty for a new encoding), the bytes it needs and the headroom it wants."""
+
+    frame: Bytes | None
+    slot: bytes
+    need: int
+    target: int
+
+
+@dataclass
+class _Run:
+    """Slots first..stop-1 laid out again over exactly the bytes they occupied."""
+
+    first: int
+    stop: int
+    slots: list[bytes] = field(default_factory=list)
+    checksums: list[int] = field(default_factory=list)
 
 
 @dataclass
