@@ -412,21 +412,23 @@ class CompressedFile:
         region: _Region | None = None
         if first_move < count:
             region = self._lay_out(first_move, count, encoded, grew, generation)
-            for slot_size, checksum in region.slots:
-                sizes.append(slot_size)
-                checksums.append(checksum)
+            sizes.extend(region.sizes)
+            checksums.extend(region.checksums)
         lengths = array("I", [self.frame_size]) * count
         if count:
             lengths[-1] = self._length(count - 1)
         in_place = [i for i in sorted(encoded) if i < first_move and i not in relaid]
         table_at = self._offsets[kept_end] + (region.length if region else 0)
-        written = region.length if region else 0
+        written = region.written if region else 0
         rewrites = any(
             i < self._valid and self._stored_length(i) == self.frame_size for i in self._dirty
         )
         if region is None and count == self._stored:
             if runs:
-                written += self._write_runs(runs, in_place, encoded, generation)
+                stage_at = self._lower.size()
+                written += self._stage(stage_at, None, runs, in_place, encoded, generation)
+                written += self._write_in_place(in_place, encoded, generation)
+                written += self._copy_runs_down(runs)
                 changed = sorted(relaid.union(in_place))
                 written += self._finish(
                     lambda: self._update_entries(changed, sizes, lengths, checksums, table_at)
@@ -442,24 +444,21 @@ class CompressedFile:
                 array("I", [0]) + lengths,
                 array("I", [fmt.EMPTY_CHECKSUM]) + checksums,
             )
-            if region is not None and region.staged_at is not None:
-                # The table goes after the staged slots, and after it the slots laid out
-                # again in their own place and spare copies of the slots rewritten in place: a
-                # kill while one is written leaves its copy.
-                staged = region.staged_at + region.length
-                written += len(table) + self._stage(staged, table, runs, in_place, encoded,
-                                                    generation)  # fmt: skip
-                written += self._write_in_place(in_place, encoded, generation)
-                written += self._copy_runs_down(runs)
-                written += self._move_staged(region, table)
-            else:
-                if runs:  # staged past both the old end and the new table
-                    staged = max(self._lower.size(), table_at + len(table))
-                    written += self._stage(staged, b"", runs, in_place, encoded, generation)
-                written += self._write_in_place(in_place, encoded, generation)
-                written += self._copy_runs_down(runs)
-                self._finish(lambda: self._lower.write(table_at, table))
-                written += len(table)
+            shifted = region is not None and region.shifted
+            if shifted or runs:
+                # Staged past both the old end and the new table: the slots of the relayout
+                # that cannot move up in place, the local runs, spare copies of the slots
+                # rewritten in place (a kill while one is written leaves its copy).
+                stage_at = max(self._lower.size(), table_at + len(table))
+                prefix = region if shifted else None
+                written += self._stage(stage_at, prefix, runs, in_place, encoded, generation)
+            written += self._write_in_place(in_place, encoded, generation)
+            written += self._copy_runs_down(runs)
+            if region is not None and region.shifted:
+                written += self._finish(lambda: self._shift_up(region, encoded, generation))
+                written += self._finish(lambda: self._copy_staged_down(region, stage_at))
+            self._finish(lambda: self._lower.write(table_at, table))
+            written += len(table)
             if self._lower.size() > table_at + len(table):
                 self._finish(lambda: self._lower.truncate(table_at + len(table)))
         self._codec.stats.add(lower_bytes_written=written)
@@ -599,26 +598,34 @@ class CompressedFile:
         return run
 
     def _stage(
-        self, at: int, head: bytes, runs: list[_Run], in_place: list[int],
+        self, at: int, region: _Region | None, runs: list[_Run], in_place: list[int],
         encoded: dict[int, Bytes], generation: int,
     ) -> int:  # fmt: skip
-        """Write `head` (a staged layout's table), the local runs' new slots and spare copies
-        of the slots about to be rewritten in place past the end of the file at `at`; bytes
-        written besides `head`. A failure cuts the file back: nothing old changed yet."""
+        """Write past the end of the file, at `at`: the new slots of a relayout that cannot
+        move up in place (`region`'s first slots, if given), the local runs' new slots and
+        spare copies of the slots about to be rewritten in place; the bytes written. A
+        failure cuts the file back: nothing old has changed yet."""
         spare = b"".join(
             fmt.encode_slot(encoded[i], i, generation, len(encoded[i]) + fmt.TRAILER_MIN)
             for i in in_place
         )
         staged = b"".join(slot for run in runs for slot in run.slots)
         before = self._lower.size()
+        written = 0
         try:
-            self._lower.write(at, b"".join((head, staged, spare)))
+            if region is not None and region.staged_stop > region.first:
+                written = self._write_slots(region, region.first, region.staged_stop, at,
+                                            encoded, generation)  # fmt: skip
+            self._lower.write(at + written, staged + spare)
         except BaseException:
             with contextlib.suppress(OSError):
                 self._lower.truncate(before)
             raise
+        if region is not None:
+            region.written += written
+            self._codec.stats.add(tail_bytes=written)
         self._codec.stats.add(local_bytes=len(staged))
-        return len(staged) + len(spare)
+        return written + len(staged) + len(spare)
 
     def _copy_runs_down(self, runs: list[_Run]) -> int:
         """Write the local runs' slots over the slots they replace (their staged copies stay
@@ -633,15 +640,6 @@ class CompressedFile:
             written += len(blob)
         self._codec.stats.add(local_relayouts=len(runs), local_bytes=written)
         return written
-
-    def _write_runs(
-        self, runs: list[_Run], in_place: list[int], encoded: dict[int, Bytes], generation: int
-    ) -> int:
-        """Local runs without a relayout of the rest: staged past the seek table, then the
-        in-place writes, then copied down (the table's entries and the cut come after)."""
-        written = self._stage(self._lower.size(), b"", runs, in_place, encoded, generation)
-        written += self._write_in_place(in_place, encoded, generation)
-        return written + self._copy_runs_down(runs)
 
     def _finish(self, step: Callable[[], object]) -> int:
         """A step after old slots started being overwritten: a failure leaves the file for
@@ -660,27 +658,87 @@ class CompressedFile:
         old = self._slot_sizes[index] - trailer
         return len(frame) - old if 0 < old <= len(frame) else 0
 
-    def _move_staged(self, region: _Region, table: bytes) -> int:
-        """Finish a staged layout (its table already written after the staged slots): copy
-        both down to where they belong, front to back (a copy never overwrites bytes it has
-        not read yet, nor its own source: each step is at most the distance moved)."""
-        assert region.staged_at is not None
-        source, dest = region.staged_at, region.start
-        total = region.length + len(table)
-        step = max(1, min(WRITE_CHUNK, source - dest))
-        try:
-            for offset in range(0, total, step):
-                length = min(step, total - offset)
-                chunk = self._lower.read(source + offset, length)
-                if len(chunk) != length:
-                    raise CorruptData("compress: the staged copy shrank while it was moved")
-                self._lower.write(dest + offset, chunk)
-        except BaseException:
-            # Old slots are partly overwritten now; only a scan (fsck) can tell old from new.
-            self._broken = True
-            raise
+    def _shift_up(self, region: _Region, encoded: dict[int, Bytes], generation: int) -> int:
+        """Write the slots of a relayout from `region.staged_stop` on where they belong,
+        back to front, in steps whose new place starts past the old place of every slot they
+        hold: until a slot's new copy is complete its old copy is intact, and nothing is
+        overwritten before it was read (module doc)."""
+        stop = region.stop
+        written = 0
+        while stop > region.staged_stop:
+            old_end = self._old_end(stop - 1)
+            first = stop - 1
+            while (
+                first - 1 >= region.staged_stop
+                and region.offset(first - 1) >= old_end
+                and region.offset(stop) - region.offset(first - 1) <= WRITE_CHUNK
+            ):
+                first -= 1
+            written += self._write_slots(region, first, stop, region.offset(first), encoded,
+                                         generation)  # fmt: skip
+            stop = first
+        region.written += written
+        self._codec.stats.add(tail_bytes=written)
+        return written
+
+    def _old_end(self, index: int) -> int:
+        """Where the old slot of frame `index` ends (a new frame: where the old slots end)."""
+        return self._offsets[min(index + 1, self._valid)]
+
+    def _copy_staged_down(self, region: _Region, staged_at: int) -> int:
+        """Copy a relayout's staged first slots from past the end to where they belong (the
+        staged copy lies past the new layout: source and destination never overlap)."""
+        total = region.offset(region.staged_stop) - region.start
+        for offset in range(0, total, WRITE_CHUNK):
+            length = min(WRITE_CHUNK, total - offset)
+            chunk = self._lower.read(staged_at + offset, length)
+            if len(chunk) != length:
+                raise CorruptData("compress: the staged copy shrank while it was moved")
+            self._lower.write(region.start + offset, chunk)
+        region.written += total
         self._codec.stats.add(tail_bytes=total)
         return total
+
+    def _write_slots(
+        self, region: _Region, first: int, stop: int, at: int, encoded: dict[int, Bytes],
+        generation: int,
+    ) -> int:  # fmt: skip
+        """Write the new slots first..stop-1 of a relayout from `at` on, reading the kept
+        ones from their old place (about WRITE_CHUNK bytes per read and per write)."""
+        written = 0
+        index = first
+        while index < stop:
+            batch_stop = index + 1
+            while (
+                batch_stop < stop
+                and region.offset(batch_stop) - region.offset(index) < WRITE_CHUNK
+            ):
+                batch_stop += 1
+            old = self._read_slots([i for i in range(index, batch_stop) if i not in encoded])
+            pending = bytearray()
+            for i in range(index, batch_stop):
+                size = region.size(i)
+                if i in encoded:
+                    pending += fmt.encode_slot(encoded[i], i, generation, size)
+                else:
+                    pending += self._relaid_slot(i, old.pop(i), size, generation)
+            self._lower.write(at + written, pending)
+            written += len(pending)
+            index = batch_stop
+        return written
+
+    def _read_slots(self, indexes: list[int]) -> dict[int, bytes]:
+        """The stored slots of sorted frame numbers, one read from the first to the last (a
+        short read keeps what is there: the frame reads EIO)."""
+        if not indexes:
+            return {}
+        base = self._offsets[indexes[0]]
+        view = memoryview(self._lower.read(base, self._offsets[indexes[-1] + 1] - base))
+        out = {}
+        for index in indexes:
+            lo, hi = self._offsets[index] - base, self._offsets[index + 1] - base
+            out[index] = bytes(view[lo:hi]).ljust(hi - lo, b"\0")
+        return out
 
     def _write_in_place(
         self, indexes: list[int], encoded: dict[int, Bytes], generation: int
@@ -713,55 +771,65 @@ class CompressedFile:
     def _lay_out(
         self, first: int, count: int, encoded: dict[int, Bytes], grew: bool, generation: int
     ) -> _Region:
-        """Write slots first..count-1 for their new place at slot `first`'s offset.
-
-        When old slots must move (kept frames after the first one that changed), the new
-        slots are staged past the end of the file first, so that until `_move_staged` copies
-        them down every frame has an intact copy (old or new) somewhere in the file; a
-        failure while staging cuts the file back to what it was. Without kept slots (appends,
-        a last frame that grew) they are written in place at once.
-        """
-        start = self._offsets[min(first, self._valid)]
-        kept = [i for i in range(first, self._valid) if i not in encoded]
-        staged_at = self._lower.size() if kept else None
-        writer = _Writer(self._lower, start if staged_at is None else staged_at, kept,
-                         self._offsets)  # fmt: skip
-        region = _Region(start, staged_at)
-        try:
-            for index in range(first, count):
-                if index in encoded:
-                    frame: Bytes = encoded[index]
-                    checksum = fmt.frame_checksum(frame)
-                    room = headroom(len(frame), self.frame_size, self._growth) if grew else 0
-                    slot_size = len(frame) + fmt.TRAILER_MIN + room
-                    slot = fmt.encode_slot(frame, index, generation, slot_size)
-                else:
-                    slot = writer.old_slot(index)
-                    checksum = self._checksums[index]
-                    if grew:
-                        slot = self._with_headroom(index, slot, generation)
-                writer.emit(slot)
-                region.slots.append((len(slot), checksum))
-            region.length = writer.finish() - writer.base
-        except BaseException:
-            if staged_at is not None:  # nothing of the old layout changed: undo the staging
-                with contextlib.suppress(OSError):
-                    self._lower.truncate(staged_at)
-            raise
-        self._codec.stats.add(tail_rewrites=1, tail_bytes=region.length)
+        """Plan slots first..count-1 anew from slot `first`'s offset on (with headroom when
+        `grew`). Without a kept slot among them (appends, a last frame that grew) they are
+        written at once, front to back; else the write-out stages the first of them, which
+        do not move far enough to be written over their old place, and `_shift_up` writes
+        the rest back to front, so that every frame keeps an intact copy, old or new."""
+        region = _Region(self._offsets[min(first, self._valid)], first, count)
+        for index in range(first, count):
+            if index in encoded:
+                frame = encoded[index]
+                room = headroom(len(frame), self.frame_size, self._growth) if grew else 0
+                region.sizes.append(len(frame) + fmt.TRAILER_MIN + room)
+                region.checksums.append(fmt.frame_checksum(frame))
+            else:
+                region.shifted = True
+                region.sizes.append(self._kept_size(index, grew))
+                region.checksums.append(self._checksums[index])
+        region.offsets = array("Q", accumulate(region.sizes, initial=region.start))
+        region.length = region.offsets[-1] - region.start
+        if region.shifted:
+            stop = count
+            while stop > first and region.offset(stop - 1) >= self._old_end(stop - 1):
+                stop -= 1
+            region.staged_stop = stop
+        else:
+            region.written = self._write_slots(region, first, count, region.start, encoded,
+                                               generation)  # fmt: skip
+            self._codec.stats.add(tail_bytes=region.written)
+        self._codec.stats.add(tail_rewrites=1)
         return region
 
-    def _with_headroom(self, index: int, slot: bytes, generation: int) -> bytes:
-        """A kept slot with a trailer padded for growth; a damaged slot is kept as it is
-        (its frame stays unreadable, the rest of the file is unaffected)."""
+    def _kept_size(self, index: int, grew: bool) -> int:
+        """The new size of a kept slot laid out again: the same, or with headroom (at least
+        the room its trailer has); a damaged trailer keeps the slot as it is."""
+        size = self._slot_sizes[index]
+        if not grew:
+            return size
+        end = self._offsets[index + 1]
+        tail = self._lower.read(end - fmt.TRAILER_TAIL, fmt.TRAILER_TAIL)
+        length = fmt.trailer_length(tail, size)
+        if length is None or not fmt.is_trailer_head(
+            self._lower.read(end - length, fmt.SKIPPABLE_HEADER_SIZE), length
+        ):
+            return size
+        frame = size - length
+        room = max(length - fmt.TRAILER_MIN, headroom(frame, self.frame_size, self._growth))
+        return frame + fmt.TRAILER_MIN + room
+
+    def _relaid_slot(self, index: int, slot: bytes, size: int, generation: int) -> bytes:
+        """A kept slot with a trailer for its new `size`; one that keeps its size is copied
+        as it is (a damaged one always does: its frame stays unreadable, the rest of the
+        file is unaffected)."""
+        if size == len(slot):
+            return slot
         try:
             trailer = fmt.parse_trailer_at_end(memoryview(slot))
         except CorruptData:
-            return slot
+            raise CorruptData(f"compress: frame {index} changed during a relayout") from None
         frame = slot[: len(slot) - trailer.length]
-        room = headroom(len(frame), self.frame_size, self._growth)
-        room = max(trailer.length - fmt.TRAILER_MIN, room)
-        return fmt.encode_slot(frame, index, generation, len(frame) + fmt.TRAILER_MIN + room)
+        return fmt.encode_slot(frame, index, generation, size)
 
 
 @dataclass
@@ -787,64 +855,25 @@ class _Run:
 
 @dataclass
 class _Region:
-    """Slots laid out again: where they belong, where they were staged (if they were)."""
+    """Slots first..stop-1 laid out anew from `start`: their new sizes and checksums, and
+    how they are written (`shifted`: kept slots move; those before staged_stop are staged
+    past the end, the others moved up in place)."""
 
     start: int
-    staged_at: int | None
-    slots: list[tuple[int, int]] = field(default_factory=list)  # (slot size, checksum)
+    first: int
+    stop: int
+    sizes: list[int] = field(default_factory=list)
+    checksums: list[int] = field(default_factory=list)
+    offsets: array = field(default_factory=lambda: array("Q"))
     length: int = 0
+    shifted: bool = False
+    staged_stop: int = 0
+    #: Bytes written for the relayout so far (staged, moved and written in place).
+    written: int = 0
 
+    def offset(self, index: int) -> int:
+        """Where the new slot of frame `index` starts (index == stop: where they end)."""
+        return self.offsets[index - self.first]
 
-class _Writer:
-    """Writes a run of new slots front to back from `base`, reading the old slots to copy
-    in batches (one lower read per run of adjacent slots, up to WRITE_CHUNK)."""
-
-    def __init__(
-        self, lower: RandomAccessFile, base: int, kept: list[int], offsets: array
-    ) -> None:
-        self._lower = lower
-        self.base = self.position = base
-        self._pending = bytearray()
-        self._kept = kept
-        self._next = 0  # first kept slot not read yet
-        self._saved: dict[int, bytes] = {}
-        self._offsets = offsets
-
-    def old_slot(self, index: int) -> bytes:
-        if index not in self._saved:
-            self._read_batch()
-        return self._saved.pop(index)
-
-    def emit(self, slot: Bytes) -> None:
-        self._pending += slot
-        if len(self._pending) >= WRITE_CHUNK:
-            self._write_pending()
-
-    def finish(self) -> int:
-        self._write_pending()
-        return self.position
-
-    def _write_pending(self) -> None:
-        if self._pending:
-            self._lower.write(self.position, self._pending)
-        self.position += len(self._pending)
-        self._pending = bytearray()
-
-    def _read_batch(self) -> None:
-        """Read the next kept slots: adjacent ones, about WRITE_CHUNK bytes of them."""
-        first = self._kept[self._next]
-        stop = first + 1
-        self._next += 1
-        while (
-            self._next < len(self._kept)
-            and self._kept[self._next] == stop
-            and self._offsets[stop + 1] - self._offsets[first] <= WRITE_CHUNK
-        ):
-            stop += 1
-            self._next += 1
-        base = self._offsets[first]
-        view = memoryview(self._lower.read(base, self._offsets[stop] - base))
-        for index in range(first, stop):
-            lo, hi = self._offsets[index] - base, self._offsets[index + 1] - base
-            # A short read (the file shrank) keeps what is there; the frame reads EIO.
-            self._saved[index] = bytes(view[lo:hi]).ljust(hi - lo, b"\0")
+    def size(self, index: int) -> int:
+        return self.sizes[index - self.first]
