@@ -807,7 +807,8 @@ def random_writes(c: Contender, ctx: Ctx, record: Record) -> None:
                 record(c.name, "rw-written-2nd", per)
     if isinstance(c, Isofs):
         layer_after = c.layer_stats()
-        keys = ("in_place_rewrites", "tail_rewrites", "tail_bytes", "lower_bytes_written")
+        keys = ("in_place_rewrites", "tail_rewrites", "tail_bytes", "local_relayouts",
+                "local_bytes", "lower_bytes_written")
         delta = {k: layer_after.get(k, 0) - layer_before.get(k, 0) for k in keys
                  if k in layer_after}  # fmt: skip
         if delta:
