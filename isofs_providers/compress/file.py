@@ -11,15 +11,15 @@ too many dirty frames, encodes them and writes them out:
   enough: that run of slots is laid out again over the bytes it occupies (staged past the
   seek table first), and nothing else moves;
 - otherwise, from the first frame that does not fit (or the first new frame) on, the rest of
-  the file is laid out again. When old slots have to move, the new run of slots and its seek table
-  are first staged past the end of the file, with spare copies of the slots rewritten in
-  place; then the in-place writes; then the staged run is copied down over the old slots and
-  the file cut after it. Until then every frame has an intact copy, old or new, that fsck's
-  scan finds. Without slots to move (appends, a last frame that grew) the run is written
-  where it belongs at once. When a frame that was full outgrew its slot, every slot laid out
-  again gets headroom (an eighth of its frame, or twice the largest growth seen) so
-  that the next rewrite likely fits; when the file had taken rewrites before, the whole
-  file is laid out again, so that all of it gets headroom at once;
+  the file is laid out again (all of it when the file had taken rewrites before: they land
+  all over it). When old slots have to move, they move up in place, back to front, each step
+  written past the old place of the slots it holds; the first slots, which move less than
+  their own size, are staged past the end of the file first, with the local runs and spare
+  copies of the slots rewritten in place. Until the file is cut after its new table every
+  frame has an intact copy, old or new, that fsck's scan finds. Without slots to move
+  (appends, a last frame that grew) the slots are written where they belong at once. When a
+  frame that was full outgrew its slot, every slot laid out again gets headroom (an eighth of
+  its frame, or twice the largest growth seen) so that the next rewrite likely fits;
 - then the seek table: only the changed entries when the layout did not move, else whole.
 
 Everything here runs under the section lock (exclusive for writes, truncate and flush), so
