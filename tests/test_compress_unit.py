@@ -473,6 +473,29 @@ def test_a_second_rewrite_that_outgrows_its_slot_before_the_headroom_lays_out_th
     assert decode_native(native.data) == model
 
 
+def test_a_relayout_moves_the_rest_of_the_file_up_in_place_writing_it_about_once():
+    """Slots move up back to front where they belong; only the first few, which move less
+    than their own size, are staged past the end (staging all of it would write it twice)."""
+    layer = CompressLayer(F)
+    native = MemFile()
+    upper = layer.create(native)
+    model = bytearray(text(100 * F, 4))
+    upper.write(0, model)
+    upper.flush()
+    native.writes.clear()
+    noisy = noise(5000, 1)
+    upper.write(3 * F + 10, noisy)
+    model[3 * F + 10 : 3 * F + 5010] = noisy
+    upper.flush()
+    assert layer.statistics()["tail_rewrites"] == 2
+    written = sum(length for _, length in native.writes)
+    rest = len(native.data) - upper.table.offsets[3]  # with its headroom now
+    assert rest < written < 1.2 * rest, (written, rest)
+    staged_at = max(offset for offset, _ in native.writes)
+    assert staged_at >= len(native.data), "something was staged past the end"
+    assert decode_native(native.data) == model
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_random_rewrites_reach_a_steady_state_where_every_rewrite_is_in_place(seed):
     """4 KiB random rewrites of text with text, each flushed (fsync): at most two relayouts

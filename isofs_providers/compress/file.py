@@ -616,7 +616,8 @@ class CompressedFile:
             if region is not None and region.staged_stop > region.first:
                 written = self._write_slots(region, region.first, region.staged_stop, at,
                                             encoded, generation)  # fmt: skip
-            self._lower.write(at + written, staged + spare)
+            if staged or spare:
+                self._lower.write(at + written, staged + spare)
         except BaseException:
             with contextlib.suppress(OSError):
                 self._lower.truncate(before)
