@@ -11,8 +11,8 @@ the `zstd` CLI at level 3 (file by file, and `-T2` over one tar). The order is r
 between repetitions and medians are reported; everything read back is checked against the
 source (untimed). It is a benchmark: nothing here asserts on timings.
 
-    python bench/compress.py [--quick] [--repeat N] [--contenders LIST] [--json FILE]
-                             [--workdir DIR]
+    python bench/compress.py [--quick] [--repeat N] [--contenders LIST] [--phases LIST]
+                             [--json FILE] [--workdir DIR]
 
 See bench/README.md ("The compression benchmark") for what each row measures.
 """
@@ -95,6 +95,9 @@ FULL = Sizes(None, 85 * MB, 15 * MB, 8 * MiB, 256 * MiB, 20_000, 100 * MiB, 300,
 QUICK = Sizes(3 * MB, 2_500_000, 500_000, MiB, 16 * MiB, 1_000, 8 * MiB, 24, GiB, 0)
 
 DATASETS = (("src", "src-tree", "source tree"), ("bin", "bin-mix", "binary mix"))
+#: What a filesystem contender runs, in order (--phases picks some): the two datasets' rows,
+#: then the big files' (the source tree is copied in any case: it is the big files' corpus).
+PHASES = ("src", "bin", "rand-read", "rand-write")
 
 
 def dataset_rows(key: str, label: str) -> list[Row]:
@@ -616,6 +619,8 @@ class Ctx:
     corpus: bytes = field(repr=False)
     rand_read_content: bytes = field(repr=False)
     rand_write_content: bytes = field(repr=False)
+    #: The phases this run does (--phases).
+    phases_run: tuple[str, ...] = PHASES
     #: (contender, what) -> read back equal to the source
     verified: dict[str, dict[str, bool]] = field(default_factory=dict)
     details: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -689,10 +694,12 @@ def run_filesystem(c: Contender, ctx: Ctx, record: Record) -> None:
     for ds in ctx.datasets:
         with ctx.phase(ds.key):
             dataset_rows_on(c, ds, ctx, record)
-    with ctx.phase("rand-read"):
-        random_reads(c, ctx, record)
-    with ctx.phase("rand-write"):
-        random_writes(c, ctx, record)
+    if "rand-read" in ctx.phases_run:
+        with ctx.phase("rand-read"):
+            random_reads(c, ctx, record)
+    if "rand-write" in ctx.phases_run:
+        with ctx.phase("rand-write"):
+            random_writes(c, ctx, record)
 
 
 def dataset_rows_on(c: Contender, ds: Dataset, ctx: Ctx, record: Record) -> None:
@@ -800,7 +807,8 @@ def random_writes(c: Contender, ctx: Ctx, record: Record) -> None:
                 record(c.name, "rw-written-2nd", per)
     if isinstance(c, Isofs):
         layer_after = c.layer_stats()
-        keys = ("in_place_rewrites", "tail_rewrites", "tail_bytes", "lower_bytes_written")
+        keys = ("in_place_rewrites", "tail_rewrites", "tail_bytes", "local_relayouts",
+                "local_bytes", "lower_bytes_written")
         delta = {k: layer_after.get(k, 0) - layer_before.get(k, 0) for k in keys
                  if k in layer_after}  # fmt: skip
         if delta:
@@ -965,6 +973,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(CONTENDER_NAMES),
         help=f"comma-separated subset of {','.join(CONTENDER_NAMES)} (default: all)",
     )
+    p.add_argument(
+        "--phases",
+        metavar="LIST",
+        default=",".join(PHASES),
+        help=f"comma-separated subset of {','.join(PHASES)}: the rows to run (default: all)",
+    )
     p.add_argument("--json", metavar="FILE", help="save environment, samples and medians here")
     p.add_argument("--workdir", metavar="DIR",
                    help="make the scratch dir inside DIR (default: the current directory)")
@@ -977,6 +991,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown contender(s) {', '.join(unknown)}; known: {', '.join(CONTENDER_NAMES)}")
     if len(set(args.names)) != len(args.names):
         p.error("a contender is listed twice")
+    args.phases = tuple(n.strip() for n in args.phases.split(",") if n.strip())
+    unknown = [n for n in args.phases if n not in PHASES]
+    if unknown or not args.phases:
+        p.error(f"unknown phase(s) {', '.join(unknown)}; known: {', '.join(PHASES)}")
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
     if args.repeat < 1:
@@ -1068,20 +1086,26 @@ def _run(args: argparse.Namespace, sizes: Sizes, work: Path, live: list[Contende
     datasets = [
         make_dataset("src", "src-tree", "source tree", data,
                      source_tree_files(sizes, args.source_tree)),
-        make_dataset("bin", "bin-mix", "binary mix", data, binary_mix_files(sizes)),
     ]  # fmt: skip
+    if "bin" in args.phases:
+        datasets.append(make_dataset("bin", "bin-mix", "binary mix", data,
+                                     binary_mix_files(sizes)))  # fmt: skip
     corpus = b"".join((datasets[0].path / rel).read_bytes() for rel in sorted(datasets[0].digests))
     if len(corpus) < PAGE * 2:
         raise suite.MountError(f"the source tree {args.source_tree} holds too little data")
     env["source tree"] = (f"{args.source_tree}: {datasets[0].files:,} files, "
                           f"{datasets[0].bytes / MB:.1f} MB")  # fmt: skip
-    bin_parts = {}
-    for rel in datasets[1].digests:
-        part = rel.split("/", 1)[0]
-        bin_parts[part] = bin_parts.get(part, 0) + (datasets[1].path / rel).stat().st_size
-    env["binary mix"] = (f"{datasets[1].files:,} files, {datasets[1].bytes / MB:.1f} MB ("
-                         + ", ".join(f"{k} {v / MB:.1f} MB" for k, v in sorted(bin_parts.items()))
-                         + ")")  # fmt: skip
+    if "bin" in args.phases:
+        bin_parts: dict[str, int] = {}
+        for rel in datasets[1].digests:
+            part = rel.split("/", 1)[0]
+            bin_parts[part] = bin_parts.get(part, 0) + (datasets[1].path / rel).stat().st_size
+        env["binary mix"] = (
+            f"{datasets[1].files:,} files, {datasets[1].bytes / MB:.1f} MB ("
+            + ", ".join(f"{k} {v / MB:.1f} MB" for k, v in sorted(bin_parts.items())) + ")"
+        )
+    if args.phases != PHASES:
+        env["phases"] = ", ".join(args.phases)
     env["big files"] = (
         f"random reads {sizes.rand_reads:,} x 4 KiB in {sizes.rand_read_file // MiB} MiB, "
         f"random writes {sizes.rand_writes} x 4 KiB + fsync in {sizes.rand_write_file // MiB} "
@@ -1092,8 +1116,10 @@ def _run(args: argparse.Namespace, sizes: Sizes, work: Path, live: list[Contende
         print(f"  {k:<{width}}  {v}", flush=True)
 
     ctx = Ctx(
-        sizes, suite.Caches(), work, datasets, corpus,
-        repeat_to(corpus, sizes.rand_read_file), repeat_to(corpus, sizes.rand_write_file),
+        sizes, suite.Caches(), work, [d for d in datasets if d.key in args.phases], corpus,
+        repeat_to(corpus, sizes.rand_read_file) if "rand-read" in args.phases else b"",
+        repeat_to(corpus, sizes.rand_write_file) if "rand-write" in args.phases else b"",
+        args.phases,
     )  # fmt: skip
     samples: dict[str, dict[str, list[float]]] = {}
     #: column -> row -> indexes of samples taken while someone else dropped the page cache

@@ -153,3 +153,44 @@ def test_an_unknown_contender_is_a_one_line_error(tmp_path: Path) -> None:
     assert "unknown contender(s) ext5" in out
     assert "Traceback" not in out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_phases_run_only_the_rows_asked_for(tmp_path: Path) -> None:
+    """--phases rand-write: only the random-write rows (and their read-back checks)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    result = work / "result.json"
+    proc = bench("--quick", "--contenders", "isofs-compress", "--phases", "rand-write",
+                 "--workdir", work, "--json", result)  # fmt: skip
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    doc = json.loads(result.read_text())
+    assert doc["errors"] == {}
+    rows = {"rw-lat-p50", "rw-lat-mean", "rw-written", "rw-written-2nd", "rw-layer"}
+    assert set(doc["samples"]["isofs-compress"]) == rows
+    assert doc["verified"] == {"isofs-compress": {"rand-write": True, "rand-write zstd -d": True}}
+    assert "bin" not in doc["datasets"]
+    assert left_behind(work) == []
+
+
+def test_an_unknown_phase_is_a_one_line_error(tmp_path: Path) -> None:
+    proc = bench("--phases", "rand-write,rand-swim", "--workdir", tmp_path)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "unknown phase(s) rand-swim" in out
+    assert "Traceback" not in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_layer_random_write_measurement_reads_back_its_model() -> None:
+    """bench/compress_rw.py (small: 8 MiB, 30 writes): its table, and the file it made
+    reads back equal to the model of the writes."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "compress_rw.py"), "--file-size", "8",
+         "--writes", "30", "--slice", "10", "--frame-size", "64"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split()[0] for line in lines[2:6]] == ["1-10", "11-20", "21-30", "all"]
+    assert lines[-1] == "read back equal to the model"

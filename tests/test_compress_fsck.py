@@ -8,6 +8,7 @@ Every repaired file is checked with the stock `zstd -d` and read back through th
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import struct
@@ -377,6 +378,134 @@ def test_a_write_out_killed_midway_leaves_old_or_new_frames_that_fsck_recovers(
             assert got in choices, index
     assert result == zstd_cli(path)
     assert maintenance.fsck(src, stack).clean
+
+
+def _with_headroom(stack: Stack, path: Path, frames: int) -> bytes:
+    """A file of `frames` full frames of text whose frame 0 outgrew its slot once: every
+    slot has headroom (so that a later growth can borrow its neighbours' room)."""
+    data = bytearray(text(frames * F, 3))
+    write_formatted(stack, path, bytes(data))
+    data[10:5010] = os.urandom(5000)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        upper = CompressLayer(F).open(NativeFile(fd))
+        upper.write(10, data[10:5010])
+        upper.flush()
+    finally:
+        os.close(fd)
+    return bytes(data)
+
+
+def _write_changes(upper: CompressedFile, old: bytes, new: bytes) -> None:
+    """Write every 4 KiB piece that differs between `old` and `new` (and what `new` adds)."""
+    for start in range(0, len(new), 4096):
+        if new[start : start + 4096] != old[start : start + 4096]:
+            upper.write(start, new[start : start + 4096])
+
+
+def _rewrite_changes(
+    path: Path, states: list[bytes], budget: int
+) -> tuple[CrashingFile, dict[str, object], int]:
+    """Go from each state to the next, a flush after each, through a file that dies after
+    `budget` bytes of writes; the lower file, the layer's counters and the bytes the
+    write-outs before the last one wrote."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        lower = CrashingFile(fd, budget)
+        layer = CompressLayer(F)
+        upper = layer.open(lower)
+        assert isinstance(upper, CompressedFile)
+        before_last = 0
+        with contextlib.suppress(KeyboardInterrupt):
+            for old, new in itertools.pairwise(states):
+                before_last = sum(length for _, length in lower.log)
+                _write_changes(upper, old, new)
+                upper.flush()
+        return lower, layer.statistics(), before_last
+    finally:
+        os.close(fd)
+
+
+CRASH_CASES = {  # case: (headroom everywhere before, local runs, relayouts of the rest)
+    "run": (True, 1, 0),
+    "run and append": (True, 1, 1),
+    "run and relayout": (True, 1, 1),
+    "relayout": (False, 0, 1),
+    "whole file": (False, 0, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CRASH_CASES))
+def test_a_relayout_killed_in_or_after_any_write_leaves_old_or_new_frames(
+    tmp_path, source, case, monkeypatch
+):
+    """Killed at the start, in the middle and at the end of every write of a write-out (and
+    at its final cut), every frame is afterwards old or new and none is lost (appended
+    frames may be only partly there, as with any append). The write-outs: frame 20 outgrows
+    its headroom and borrows its neighbours' room (a local run, staged past the seek table,
+    then copied down) while frame 2 changes in place; the same with an append; with frame 30
+    outgrowing what a run may borrow too, so that the rest of the file is laid out again
+    (staged where slots move less than their size, moved up in place back to front past
+    that); in a file without headroom (the rest from frame 20); and the whole file, when a
+    growth follows an earlier rewrite."""
+    src, stack = source
+    path = src / "victim"
+    roomy, runs, relayouts = CRASH_CASES[case]
+    if roomy:
+        old = _with_headroom(stack, path, 40)
+    else:
+        old = text(40 * F, 3)
+        write_formatted(stack, path, old)
+    pristine = tmp_path / "pristine"
+    shutil.copy(path, pristine)
+    new = bytearray(old)
+    new[2 * F : 2 * F + 8192] = bytes(8192)  # compresses better: fits in place
+    new[20 * F + 4096 : 20 * F + 16384] = os.urandom(12288)  # more than any headroom
+    if case == "run and append":
+        new += text(2 * F + 100, 5)
+    if case == "run and relayout":
+        new[30 * F : 31 * F] = os.urandom(F)
+        monkeypatch.setattr("isofs_providers.compress.file.LOCAL_LIMIT", 200_000)
+    states = [old, bytes(new)]
+    if case == "whole file":  # frame 2 alone first: the growth then follows a rewrite
+        states.insert(1, old[: 2 * F] + new[2 * F : 3 * F] + old[3 * F :])
+    dry = tmp_path / "dry"
+    shutil.copy(pristine, dry)
+    lower, stats, start = _rewrite_changes(dry, states, 10**12)
+    assert read_through(stack, dry) == states[-1]
+    assert (stats["local_relayouts"], stats["tail_rewrites"]) == (runs, relayouts), stats
+    moved_from = 0 if case == "whole file" else 20
+    sizes, sizes_before = table_of(dry).slot_sizes, table_of(pristine).slot_sizes
+    if not roomy:
+        assert sizes[:moved_from] == sizes_before[:moved_from]
+        moved = zip(sizes[moved_from:], sizes_before[moved_from:], strict=True)
+        assert all(a > b for a, b in moved), "headroom from where the relayout starts"
+    budgets = {10**12, sum(length for _, length in lower.log)}  # no kill; killed at the cut
+    done = 0
+    for _, length in lower.log:
+        if done >= start:
+            budgets.update({done, done + 1, done + length // 2, done + length - 1})
+        done += length
+    before, after = states[-2], states[-1]
+    for budget in sorted(budgets):
+        shutil.copy(pristine, path)
+        _rewrite_changes(path, states, budget)
+        report = maintenance.fsck(src, stack, repair=True, stamp=STAMP)
+        if not report.clean:
+            found = only(report)
+            assert found.repaired and lost_ranges(found) == [], (budget, found.line())
+        result = read_through(stack, path)
+        if case == "run and append":  # appended frames are written in order, not staged
+            assert len(before) <= len(result) <= len(after), budget
+            assert len(result) % F in (0, 100), budget
+        else:
+            assert len(result) in (len(before), len(after)), budget
+        for index in range(-(-len(result) // F)):
+            got = result[index * F : (index + 1) * F]
+            choices = (before[index * F : (index + 1) * F], after[index * F : (index + 1) * F])
+            assert got in choices, (budget, index)
+        assert result == zstd_cli(path), budget
+        shutil.rmtree(src / ".isofs" / "lost+found", ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- migrate

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from isofs.provider import CorruptData, ProviderError, SetupRequest
 from isofs_providers.compress import CompressLayer, CompressProvider
 from isofs_providers.compress import format as fmt
-from isofs_providers.compress.file import INCOMPRESSIBLE_RUN
+from isofs_providers.compress.file import INCOMPRESSIBLE_RUN, LOCAL_LIMIT
 from isofs_providers.encrypt import EncryptLayer
 
 F = 64 << 10  # the smallest frame size keeps the tests' data small
@@ -401,6 +401,131 @@ def test_a_frame_that_outgrows_its_slot_lays_the_rest_out_again_with_headroom():
     assert decode_native(native.data) == model
     assert layer.statistics()["tail_rewrites"] == 2
     assert layer.statistics()["in_place_rewrites"] == 2
+
+
+def _headroom_everywhere(layer: CompressLayer, frames: int) -> tuple[MemFile, object, bytearray]:
+    """A file of text whose frame 0 outgrew its slot: every slot has headroom."""
+    native = MemFile()
+    upper = layer.create(native)
+    model = bytearray(text(frames * F, 4))
+    upper.write(0, model)
+    upper.flush()
+    noisy = noise(5000, 1)
+    upper.write(10, noisy)
+    model[10:5010] = noisy
+    upper.flush()
+    assert layer.statistics()["tail_rewrites"] == 2
+    return native, upper, model
+
+
+def test_a_frame_that_outgrows_its_headroom_borrows_room_from_its_neighbours_only():
+    layer = CompressLayer(F)
+    native, upper, model = _headroom_everywhere(layer, 40)
+    before = upper.table
+    old_native = bytes(native.data)
+    native.writes.clear()
+    noisy = noise(12000, 2)  # more than frame 20's headroom, less than its neighbours'
+    upper.write(20 * F + 100, noisy)
+    model[20 * F + 100 : 20 * F + 12100] = noisy
+    upper.flush()
+    after = upper.table
+    stats = layer.statistics()
+    assert (stats["tail_rewrites"], stats["local_relayouts"]) == (2, 1)
+    changed = [i for i in range(40) if before.slot_sizes[i] != after.slot_sizes[i]]
+    assert changed and changed[0] <= 20 <= changed[-1] and len(changed) < 8
+    first, stop = changed[0], changed[-1] + 1
+    assert after.offsets[first] == before.offsets[first]
+    assert after.offsets[stop:] == before.offsets[stop:], "nothing after the run moved"
+    assert native.data[: before.offsets[first]] == old_native[: before.offsets[first]]
+    table_at = before.offsets[-1]
+    assert native.data[after.offsets[stop] : table_at] == old_native[after.offsets[stop] : table_at]
+    assert len(native.data) == len(old_native)
+    for offset, length in native.writes:  # the run (staged past the end first), its entries
+        inside_run = before.offsets[first] <= offset and offset + length <= before.offsets[stop]
+        assert inside_run or offset >= table_at, (offset, length)
+    assert sum(length for _, length in native.writes) < 4 * (after.offsets[stop]
+                                                              - after.offsets[first])  # fmt: skip
+    assert decode_native(native.data) == model
+    assert CompressLayer(F).open(MemFile(native.data)).read(0, len(model)) == model
+
+
+def test_a_second_rewrite_that_outgrows_its_slot_before_the_headroom_lays_out_the_whole_file():
+    """The first frame that outgrows its slot gives the rest of the file headroom; one before
+    it that does so later, too far from that headroom to borrow from it (LOCAL_LIMIT), shows
+    that rewrites land all over the file: all of it gets headroom, once, instead of one
+    relayout of the rest per frame further to the front."""
+    layer = CompressLayer(F)
+    native = MemFile()
+    upper = layer.create(native)
+    model = bytearray(text(200 * F, 4))
+    upper.write(0, model)
+    upper.flush()
+    sizes_before = list(upper.table.slot_sizes)
+    assert upper.table.offsets[150] - upper.table.offsets[3] > LOCAL_LIMIT
+    for frame, seed in ((150, 1), (3, 2)):
+        noisy = noise(5000, seed)
+        upper.write(frame * F + 10, noisy)
+        model[frame * F + 10 : frame * F + 5010] = noisy
+        upper.flush()
+    assert layer.statistics()["tail_rewrites"] == 3
+    after = list(upper.table.slot_sizes)
+    assert all(a > b for a, b in zip(after, sizes_before, strict=True)), "headroom everywhere"
+    assert decode_native(native.data) == model
+
+
+def test_a_relayout_moves_the_rest_of_the_file_up_in_place_writing_it_about_once():
+    """Slots move up back to front where they belong; only the first few, which move less
+    than their own size, are staged past the end (staging all of it would write it twice)."""
+    layer = CompressLayer(F)
+    native = MemFile()
+    upper = layer.create(native)
+    model = bytearray(text(100 * F, 4))
+    upper.write(0, model)
+    upper.flush()
+    native.writes.clear()
+    noisy = noise(5000, 1)
+    upper.write(3 * F + 10, noisy)
+    model[3 * F + 10 : 3 * F + 5010] = noisy
+    upper.flush()
+    assert layer.statistics()["tail_rewrites"] == 2
+    written = sum(length for _, length in native.writes)
+    rest = len(native.data) - upper.table.offsets[3]  # with its headroom now
+    assert rest < written < 1.2 * rest, (written, rest)
+    staged_at = max(offset for offset, _ in native.writes)
+    assert staged_at >= len(native.data), "something was staged past the end"
+    assert decode_native(native.data) == model
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_rewrites_reach_a_steady_state_where_every_rewrite_is_in_place(seed):
+    """4 KiB random rewrites of text with text, each flushed (fsync): at most two relayouts
+    (the rest of the file from the first frame that outgrew its slot, then the whole file),
+    then every rewrite is written in place."""
+    layer = CompressLayer(F)
+    native = MemFile()
+    upper = layer.create(native)
+    size = 200 * F
+    model = bytearray(text(size, 3))
+    upper.write(0, model)
+    upper.flush()
+    rng = random.Random(seed)
+
+    def rewrite(count: int) -> dict[str, int]:
+        start = layer.statistics()
+        for _ in range(count):
+            offset = rng.randrange(size // 4096) * 4096
+            data = text(4096, rng.randrange(10**6))
+            upper.write(offset, data)
+            model[offset : offset + 4096] = data
+            upper.flush()
+        end = layer.statistics()
+        keys = ("tail_rewrites", "local_relayouts", "in_place_rewrites")
+        return {k: end[k] - start[k] for k in keys}
+
+    first = rewrite(100)
+    assert first["tail_rewrites"] <= 2, first
+    assert rewrite(100) == {"tail_rewrites": 0, "local_relayouts": 0, "in_place_rewrites": 100}
+    assert decode_native(native.data) == model
 
 
 def test_holes_and_zero_extension_cost_a_few_bytes_per_frame():

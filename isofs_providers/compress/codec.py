@@ -47,6 +47,8 @@ class CodecStatistics:
     in_place_rewrites: int = 0  # slots rewritten where they were
     tail_rewrites: int = 0  # times the rest of a file was laid out again
     tail_bytes: int = 0  # bytes written by those
+    local_relayouts: int = 0  # runs of slots laid out again in their own place (borrowing room)
+    local_bytes: int = 0  # bytes written by those (staged and copied down)
     lower_bytes_written: int = 0  # everything written to lower files (slots, tables)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

@@ -7,15 +7,19 @@ too many dirty frames, encodes them and writes them out:
 
 - a frame whose new encoding fits its old slot is written in place, the slot's trailer
   growing over the slack (so slack of any size, 1..7 bytes included, costs nothing);
-- from the first frame that does not fit (or the first new frame) on, the rest of the file
-  is laid out again. When old slots have to move, the new run of slots and its seek table
-  are first staged past the end of the file, with spare copies of the slots rewritten in
-  place; then the in-place writes; then the staged run is copied down over the old slots and
-  the file cut after it. Until then every frame has an intact copy, old or new, that fsck's
-  scan finds. Without slots to move (appends, a last frame that grew) the run is written
-  where it belongs at once. When a frame that was full outgrew its slot, every slot laid out
-  again gets headroom (an eighth of its frame, or twice the largest growth seen) so
-  that the next rewrite likely fits;
+- a frame that does not fit borrows the spare room of the slots around it when they have
+  enough: that run of slots is laid out again over the bytes it occupies (staged past the
+  seek table first), and nothing else moves;
+- otherwise, from the first frame that does not fit (or the first new frame) on, the rest of
+  the file is laid out again (all of it when the file had taken rewrites before: they land
+  all over it). When old slots have to move, they move up in place, back to front, each step
+  written past the old place of the slots it holds; the first slots, which move less than
+  their own size, are staged past the end of the file first, with the local runs and spare
+  copies of the slots rewritten in place. Until the file is cut after its new table every
+  frame has an intact copy, old or new, that fsck's scan finds. Without slots to move
+  (appends, a last frame that grew) the slots are written where they belong at once. When a
+  frame that was full outgrew its slot, every slot laid out again gets headroom (an eighth of
+  its frame, or twice the largest growth seen) so that the next rewrite likely fits;
 - then the seek table: only the changed entries when the layout did not move, else whole.
 
 Everything here runs under the section lock (exclusive for writes, truncate and flush), so
@@ -44,6 +48,9 @@ if TYPE_CHECKING:
 DIRTY_LIMIT = 8 << 20
 #: Bytes per lower write when laying out the rest of a file again.
 WRITE_CHUNK = 1 << 20
+#: The longest run of slots a frame that outgrew its slot lays out again in their own place,
+#: borrowing their spare room, before the rest of the file is laid out again instead.
+LOCAL_LIMIT = 2 << 20
 #: Decoded frames kept for partial reads and read-modify-write (per file).
 CLEAN_FRAMES = 2
 #: Incompressible-file heuristic: after this many frames in a row that did not shrink, stop
@@ -109,6 +116,8 @@ class CompressedFile:
         self._broken = False
         #: The largest growth of a full frame past its slot seen (sizes later headroom).
         self._growth = 0
+        #: A full stored frame was rewritten by an earlier write-out of this object.
+        self._rewritten = False
         self._misses = 0
         self._skip = 0
         self._next_skip = INITIAL_SKIP
@@ -386,62 +395,74 @@ class CompressedFile:
         for index in range(self._valid, count):
             if index not in encoded:
                 encoded[index] = self._codec.zero_frame(self._length(index))
-        first_move, grew = count, False
-        for index in sorted(encoded):
-            if index >= self._valid:
-                first_move = min(first_move, index)
-                break
-            if len(encoded[index]) + fmt.TRAILER_MIN > self._slot_sizes[index]:
-                first_move = min(first_move, index)
-                if self._stored_length(index) == self.frame_size:
-                    grew = True
-                    self._growth = max(self._growth, self._growth_of(index, encoded[index]))
         generation = self._generation()
+        first_move, grew, runs = self._plan(encoded, count, generation)
         kept_end = min(first_move, self._valid)
         sizes = self._slot_sizes[:kept_end]
         checksums = self._checksums[:kept_end]
         for index in range(kept_end):
             if index in encoded:
                 checksums[index] = fmt.frame_checksum(encoded[index])
+        relaid: set[int] = set()
+        for run in runs:
+            for index, (slot, checksum) in enumerate(zip(run.slots, run.checksums, strict=True)):
+                sizes[run.first + index] = len(slot)
+                checksums[run.first + index] = checksum
+            relaid.update(range(run.first, run.stop))
         region: _Region | None = None
         if first_move < count:
             region = self._lay_out(first_move, count, encoded, grew, generation)
-            for slot_size, checksum in region.slots:
-                sizes.append(slot_size)
-                checksums.append(checksum)
+            sizes.extend(region.sizes)
+            checksums.extend(region.checksums)
         lengths = array("I", [self.frame_size]) * count
         if count:
             lengths[-1] = self._length(count - 1)
-        in_place = [i for i in sorted(encoded) if i < first_move]
+        in_place = [i for i in sorted(encoded) if i < first_move and i not in relaid]
         table_at = self._offsets[kept_end] + (region.length if region else 0)
-        written = region.length if region else 0
+        written = region.written if region else 0
+        rewrites = any(
+            i < self._valid and self._stored_length(i) == self.frame_size for i in self._dirty
+        )
         if region is None and count == self._stored:
-            written += self._write_in_place(in_place, encoded, generation)
-            written += self._update_entries(in_place, sizes, lengths, checksums, table_at)
+            if runs:
+                stage_at = self._lower.size()
+                written += self._stage(stage_at, None, runs, in_place, encoded, generation)
+                written += self._write_in_place(in_place, encoded, generation)
+                written += self._copy_runs_down(runs)
+                changed = sorted(relaid.union(in_place))
+                written += self._finish(
+                    lambda: self._update_entries(changed, sizes, lengths, checksums, table_at)
+                )
+                table_end = table_at + fmt.table_size(count + 1)
+                self._finish(lambda: self._lower.truncate(table_end))
+            else:
+                written += self._write_in_place(in_place, encoded, generation)
+                written += self._update_entries(in_place, sizes, lengths, checksums, table_at)
         else:
             table = fmt.encode_table(
                 array("I", [fmt.HEADER_SIZE]) + sizes,
                 array("I", [0]) + lengths,
                 array("I", [fmt.EMPTY_CHECKSUM]) + checksums,
             )
-            if region is not None and region.staged_at is not None:
-                # The table goes after the staged slots, and after it spare copies of the
-                # slots rewritten in place: a kill while one is written leaves its copy.
-                spare = b"".join(
-                    fmt.encode_slot(encoded[i], i, generation, len(encoded[i]) + fmt.TRAILER_MIN)
-                    for i in in_place
-                )
-                self._lower.write(region.staged_at + region.length, table + spare)
-                written += len(table) + len(spare)
-                written += self._write_in_place(in_place, encoded, generation)
-                written += self._move_staged(region, table)
-            else:
-                written += self._write_in_place(in_place, encoded, generation)
-                self._lower.write(table_at, table)
-                written += len(table)
+            shifted = region is not None and region.shifted
+            if shifted or runs:
+                # Staged past both the old end and the new table: the slots of the relayout
+                # that cannot move up in place, the local runs, spare copies of the slots
+                # rewritten in place (a kill while one is written leaves its copy).
+                stage_at = max(self._lower.size(), table_at + len(table))
+                prefix = region if shifted else None
+                written += self._stage(stage_at, prefix, runs, in_place, encoded, generation)
+            written += self._write_in_place(in_place, encoded, generation)
+            written += self._copy_runs_down(runs)
+            if region is not None and region.shifted:
+                written += self._finish(lambda: self._shift_up(region, encoded, generation))
+                written += self._finish(lambda: self._copy_staged_down(region, stage_at))
+            self._finish(lambda: self._lower.write(table_at, table))
+            written += len(table)
             if self._lower.size() > table_at + len(table):
-                self._lower.truncate(table_at + len(table))
+                self._finish(lambda: self._lower.truncate(table_at + len(table)))
         self._codec.stats.add(lower_bytes_written=written)
+        self._rewritten = self._rewritten or rewrites
         self._slot_sizes, self._checksums = sizes, checksums
         self._offsets = array("Q", accumulate(sizes, initial=fmt.HEADER_SIZE))
         self._stored = self._valid = count
@@ -452,6 +473,185 @@ class CompressedFile:
         self._dirty.clear()
         self._layout_changed = False
 
+    def _plan(
+        self, encoded: dict[int, Bytes], count: int, generation: int
+    ) -> tuple[int, bool, list[_Run]]:
+        """Where this write-out lays the rest of the file out again (`count`: nowhere),
+        whether with headroom, and the runs of slots laid out again in their own place.
+
+        A stored frame that outgrew its slot borrows the spare room of the slots around it
+        (`_local_run`) when they have enough, so that nothing else moves. When they do not,
+        the rest of the file is laid out again from that frame, with headroom; and when the
+        file had taken rewrites before (the writes are spread over it, not only here), the
+        whole file is, so that frames before it get headroom too instead of each costing a
+        relayout of the rest when its turn comes.
+        """
+        first_move = self._valid if count > self._valid else count
+        outgrown: list[int] = []
+        for index in sorted(encoded):
+            if index >= self._valid:
+                break
+            if len(encoded[index]) + fmt.TRAILER_MIN > self._slot_sizes[index]:
+                outgrown.append(index)
+                if self._stored_length(index) == self.frame_size:
+                    self._growth = max(self._growth, self._growth_of(index, encoded[index]))
+        runs: list[_Run] = []
+        low = 0
+        for index in outgrown:
+            if index < low:
+                continue  # inside the previous run
+            run = None
+            if any(i not in encoded for i in range(index + 1, self._valid)):
+                run = self._local_run(index, low, min(self._valid, first_move), encoded,
+                                      generation)  # fmt: skip
+            if run is None:  # (with no kept slot after it, the rest moves at no extra cost)
+                first_move = index
+                break
+            runs.append(run)
+            low = run.stop
+        grew = any(
+            self._stored_length(i) == self.frame_size for i in outgrown if i >= first_move
+        )
+        if grew and self._rewritten and first_move > 0:
+            return 0, True, []
+        return first_move, grew, runs
+
+    def _local_run(
+        self, index: int, low: int, high: int, encoded: dict[int, Bytes], generation: int
+    ) -> _Run | None:
+        """Slots around frame `index` (within low..high-1) laid out again over exactly the
+        bytes they occupy, their spare room shared out in proportion to their headroom; None
+        when no run of at most LOCAL_LIMIT bytes (nor one shorter than the rest of the file)
+        has spare room for half the headroom of its frames."""
+        parts = {index: self._part(index, encoded)}
+        first, stop = index, index + 1
+        rest = self._offsets[self._valid] - self._offsets[index]
+        right = True
+        while True:
+            span = self._offsets[stop] - self._offsets[first]
+            spare = span - sum(p.need for p in parts.values())
+            wanted = sum(p.target for p in parts.values())
+            if spare >= 0 and 2 * spare >= wanted:
+                run = self._share_out(first, stop, parts, spare, generation)
+                if run is not None:
+                    return run
+            if span >= min(LOCAL_LIMIT, rest):
+                return None
+            grow_right, grow_left = stop < high, first > low
+            if grow_right and (right or not grow_left):
+                parts[stop] = self._part(stop, encoded)
+                stop += 1
+            elif grow_left:
+                first -= 1
+                parts[first] = self._part(first, encoded)
+            else:
+                return None
+            right = not right
+
+    def _part(self, index: int, encoded: dict[int, Bytes]) -> _Part:
+        """Frame `index` as part of a local run: its new encoding, or its stored frame (read
+        from its slot); a damaged slot is kept as it is, its size unchanged."""
+        frame: Bytes | None = encoded.get(index)
+        slot = b""
+        if frame is None:
+            size = self._slot_sizes[index]
+            slot = bytes(self._lower.read(self._offsets[index], size))
+            if len(slot) == size:
+                with contextlib.suppress(CorruptData):
+                    trailer = fmt.parse_trailer_at_end(memoryview(slot))
+                    frame = slot[: size - trailer.length]
+            if frame is None:
+                return _Part(None, slot.ljust(size, b"\0"), size, 0)
+        target = headroom(len(frame), self.frame_size, self._growth)
+        return _Part(frame, slot, len(frame) + fmt.TRAILER_MIN, target)
+
+    def _share_out(
+        self, first: int, stop: int, parts: dict[int, _Part], spare: int, generation: int
+    ) -> _Run | None:
+        """The run's new slots: each part its need plus a share of `spare` in proportion to
+        its headroom, none past the largest valid slot; None if that cannot be done."""
+        order = range(first, stop)
+        wanted = sum(parts[i].target for i in order)
+        flexible = [i for i in order if parts[i].frame is not None]
+        caps = {i: fmt.max_slot_size(self.frame_size) - parts[i].need for i in flexible}
+        rooms = {i: min(caps[i], spare * parts[i].target // wanted if wanted else 0)
+                 for i in flexible}  # fmt: skip
+        left = spare - sum(rooms.values())
+        for i in sorted(flexible, key=lambda i: -parts[i].target):
+            extra = min(left, caps[i] - rooms[i])
+            rooms[i] += extra
+            left -= extra
+        if left or any(caps[i] < 0 for i in flexible):
+            return None
+        run = _Run(first, stop)
+        for i in order:
+            part = parts[i]
+            if part.frame is None:
+                run.slots.append(part.slot)
+                run.checksums.append(self._checksums[i])
+            else:
+                size = part.need + rooms[i]
+                run.slots.append(fmt.encode_slot(part.frame, i, generation, size))
+                run.checksums.append(
+                    fmt.frame_checksum(part.frame) if part.slot == b"" else self._checksums[i]
+                )
+        return run
+
+    def _stage(
+        self, at: int, region: _Region | None, runs: list[_Run], in_place: list[int],
+        encoded: dict[int, Bytes], generation: int,
+    ) -> int:  # fmt: skip
+        """Write past the end of the file, at `at`: the new slots of a relayout that cannot
+        move up in place (`region`'s first slots, if given), the local runs' new slots and
+        spare copies of the slots about to be rewritten in place; the bytes written. A
+        failure cuts the file back: nothing old has changed yet."""
+        spare = b"".join(
+            fmt.encode_slot(encoded[i], i, generation, len(encoded[i]) + fmt.TRAILER_MIN)
+            for i in in_place
+        )
+        staged = b"".join(slot for run in runs for slot in run.slots)
+        before = self._lower.size()
+        written = 0
+        try:
+            if region is not None and region.staged_stop > region.first:
+                written = self._write_slots(region, region.first, region.staged_stop, at,
+                                            encoded, generation)  # fmt: skip
+            if staged or spare:
+                self._lower.write(at + written, staged + spare)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self._lower.truncate(before)
+            raise
+        if region is not None:
+            region.written += written
+            self._codec.stats.add(tail_bytes=written)
+        self._codec.stats.add(local_bytes=len(staged))
+        return written + len(staged) + len(spare)
+
+    def _copy_runs_down(self, runs: list[_Run]) -> int:
+        """Write the local runs' slots over the slots they replace (their staged copies stay
+        intact until the file is cut after its seek table)."""
+        written = 0
+        if not runs:
+            return 0
+        for run in runs:
+            blob = b"".join(run.slots)
+            self._finish(lambda run=run, blob=blob: self._lower.write(self._offsets[run.first],
+                                                                      blob))  # fmt: skip
+            written += len(blob)
+        self._codec.stats.add(local_relayouts=len(runs), local_bytes=written)
+        return written
+
+    def _finish(self, step: Callable[[], object]) -> int:
+        """A step after old slots started being overwritten: a failure leaves the file for
+        fsck (its scan finds an intact copy of every frame), and this object refuses work."""
+        try:
+            result = step()
+        except BaseException:
+            self._broken = True
+            raise
+        return result if isinstance(result, int) else 0
+
     def _growth_of(self, index: int, frame: Bytes) -> int:
         """How much frame `index` grew (its old length from its trailer's last 4 bytes)."""
         tail = self._lower.read(self._offsets[index + 1] - 4, 4)
@@ -459,27 +659,87 @@ class CompressedFile:
         old = self._slot_sizes[index] - trailer
         return len(frame) - old if 0 < old <= len(frame) else 0
 
-    def _move_staged(self, region: _Region, table: bytes) -> int:
-        """Finish a staged layout (its table already written after the staged slots): copy
-        both down to where they belong, front to back (a copy never overwrites bytes it has
-        not read yet, nor its own source: each step is at most the distance moved)."""
-        assert region.staged_at is not None
-        source, dest = region.staged_at, region.start
-        total = region.length + len(table)
-        step = max(1, min(WRITE_CHUNK, source - dest))
-        try:
-            for offset in range(0, total, step):
-                length = min(step, total - offset)
-                chunk = self._lower.read(source + offset, length)
-                if len(chunk) != length:
-                    raise CorruptData("compress: the staged copy shrank while it was moved")
-                self._lower.write(dest + offset, chunk)
-        except BaseException:
-            # Old slots are partly overwritten now; only a scan (fsck) can tell old from new.
-            self._broken = True
-            raise
+    def _shift_up(self, region: _Region, encoded: dict[int, Bytes], generation: int) -> int:
+        """Write the slots of a relayout from `region.staged_stop` on where they belong,
+        back to front, in steps whose new place starts past the old place of every slot they
+        hold: until a slot's new copy is complete its old copy is intact, and nothing is
+        overwritten before it was read (module doc)."""
+        stop = region.stop
+        written = 0
+        while stop > region.staged_stop:
+            old_end = self._old_end(stop - 1)
+            first = stop - 1
+            while (
+                first - 1 >= region.staged_stop
+                and region.offset(first - 1) >= old_end
+                and region.offset(stop) - region.offset(first - 1) <= WRITE_CHUNK
+            ):
+                first -= 1
+            written += self._write_slots(region, first, stop, region.offset(first), encoded,
+                                         generation)  # fmt: skip
+            stop = first
+        region.written += written
+        self._codec.stats.add(tail_bytes=written)
+        return written
+
+    def _old_end(self, index: int) -> int:
+        """Where the old slot of frame `index` ends (a new frame: where the old slots end)."""
+        return self._offsets[min(index + 1, self._valid)]
+
+    def _copy_staged_down(self, region: _Region, staged_at: int) -> int:
+        """Copy a relayout's staged first slots from past the end to where they belong (the
+        staged copy lies past the new layout: source and destination never overlap)."""
+        total = region.offset(region.staged_stop) - region.start
+        for offset in range(0, total, WRITE_CHUNK):
+            length = min(WRITE_CHUNK, total - offset)
+            chunk = self._lower.read(staged_at + offset, length)
+            if len(chunk) != length:
+                raise CorruptData("compress: the staged copy shrank while it was moved")
+            self._lower.write(region.start + offset, chunk)
+        region.written += total
         self._codec.stats.add(tail_bytes=total)
         return total
+
+    def _write_slots(
+        self, region: _Region, first: int, stop: int, at: int, encoded: dict[int, Bytes],
+        generation: int,
+    ) -> int:  # fmt: skip
+        """Write the new slots first..stop-1 of a relayout from `at` on, reading the kept
+        ones from their old place (about WRITE_CHUNK bytes per read and per write)."""
+        written = 0
+        index = first
+        while index < stop:
+            batch_stop = index + 1
+            while (
+                batch_stop < stop
+                and region.offset(batch_stop) - region.offset(index) < WRITE_CHUNK
+            ):
+                batch_stop += 1
+            old = self._read_slots([i for i in range(index, batch_stop) if i not in encoded])
+            pending = bytearray()
+            for i in range(index, batch_stop):
+                size = region.size(i)
+                if i in encoded:
+                    pending += fmt.encode_slot(encoded[i], i, generation, size)
+                else:
+                    pending += self._relaid_slot(i, old.pop(i), size, generation)
+            self._lower.write(at + written, pending)
+            written += len(pending)
+            index = batch_stop
+        return written
+
+    def _read_slots(self, indexes: list[int]) -> dict[int, bytes]:
+        """The stored slots of sorted frame numbers, one read from the first to the last (a
+        short read keeps what is there: the frame reads EIO)."""
+        if not indexes:
+            return {}
+        base = self._offsets[indexes[0]]
+        view = memoryview(self._lower.read(base, self._offsets[indexes[-1] + 1] - base))
+        out = {}
+        for index in indexes:
+            lo, hi = self._offsets[index] - base, self._offsets[index + 1] - base
+            out[index] = bytes(view[lo:hi]).ljust(hi - lo, b"\0")
+        return out
 
     def _write_in_place(
         self, indexes: list[int], encoded: dict[int, Bytes], generation: int
@@ -512,117 +772,109 @@ class CompressedFile:
     def _lay_out(
         self, first: int, count: int, encoded: dict[int, Bytes], grew: bool, generation: int
     ) -> _Region:
-        """Write slots first..count-1 for their new place at slot `first`'s offset.
-
-        When old slots must move (kept frames after the first one that changed), the new
-        slots are staged past the end of the file first, so that until `_move_staged` copies
-        them down every frame has an intact copy (old or new) somewhere in the file; a
-        failure while staging cuts the file back to what it was. Without kept slots (appends,
-        a last frame that grew) they are written in place at once.
-        """
-        start = self._offsets[min(first, self._valid)]
-        kept = [i for i in range(first, self._valid) if i not in encoded]
-        staged_at = self._lower.size() if kept else None
-        writer = _Writer(self._lower, start if staged_at is None else staged_at, kept,
-                         self._offsets)  # fmt: skip
-        region = _Region(start, staged_at)
-        try:
-            for index in range(first, count):
-                if index in encoded:
-                    frame: Bytes = encoded[index]
-                    checksum = fmt.frame_checksum(frame)
-                    room = headroom(len(frame), self.frame_size, self._growth) if grew else 0
-                    slot_size = len(frame) + fmt.TRAILER_MIN + room
-                    slot = fmt.encode_slot(frame, index, generation, slot_size)
-                else:
-                    slot = writer.old_slot(index)
-                    checksum = self._checksums[index]
-                    if grew:
-                        slot = self._with_headroom(index, slot, generation)
-                writer.emit(slot)
-                region.slots.append((len(slot), checksum))
-            region.length = writer.finish() - writer.base
-        except BaseException:
-            if staged_at is not None:  # nothing of the old layout changed: undo the staging
-                with contextlib.suppress(OSError):
-                    self._lower.truncate(staged_at)
-            raise
-        self._codec.stats.add(tail_rewrites=1, tail_bytes=region.length)
+        """Plan slots first..count-1 anew from slot `first`'s offset on (with headroom when
+        `grew`). Without a kept slot among them (appends, a last frame that grew) they are
+        written at once, front to back; else the write-out stages the first of them, which
+        do not move far enough to be written over their old place, and `_shift_up` writes
+        the rest back to front, so that every frame keeps an intact copy, old or new."""
+        region = _Region(self._offsets[min(first, self._valid)], first, count)
+        for index in range(first, count):
+            if index in encoded:
+                frame = encoded[index]
+                room = headroom(len(frame), self.frame_size, self._growth) if grew else 0
+                region.sizes.append(len(frame) + fmt.TRAILER_MIN + room)
+                region.checksums.append(fmt.frame_checksum(frame))
+            else:
+                region.shifted = True
+                region.sizes.append(self._kept_size(index, grew))
+                region.checksums.append(self._checksums[index])
+        region.offsets = array("Q", accumulate(region.sizes, initial=region.start))
+        region.length = region.offsets[-1] - region.start
+        if region.shifted:
+            stop = count
+            while stop > first and region.offset(stop - 1) >= self._old_end(stop - 1):
+                stop -= 1
+            region.staged_stop = stop
+        else:
+            region.written = self._write_slots(region, first, count, region.start, encoded,
+                                               generation)  # fmt: skip
+            self._codec.stats.add(tail_bytes=region.written)
+        self._codec.stats.add(tail_rewrites=1)
         return region
 
-    def _with_headroom(self, index: int, slot: bytes, generation: int) -> bytes:
-        """A kept slot with a trailer padded for growth; a damaged slot is kept as it is
-        (its frame stays unreadable, the rest of the file is unaffected)."""
+    def _kept_size(self, index: int, grew: bool) -> int:
+        """The new size of a kept slot laid out again: the same, or with headroom (at least
+        the room its trailer has); a damaged trailer keeps the slot as it is."""
+        size = self._slot_sizes[index]
+        if not grew:
+            return size
+        end = self._offsets[index + 1]
+        tail = self._lower.read(end - fmt.TRAILER_TAIL, fmt.TRAILER_TAIL)
+        length = fmt.trailer_length(tail, size)
+        if length is None or not fmt.is_trailer_head(
+            self._lower.read(end - length, fmt.SKIPPABLE_HEADER_SIZE), length
+        ):
+            return size
+        frame = size - length
+        room = max(length - fmt.TRAILER_MIN, headroom(frame, self.frame_size, self._growth))
+        return frame + fmt.TRAILER_MIN + room
+
+    def _relaid_slot(self, index: int, slot: bytes, size: int, generation: int) -> bytes:
+        """A kept slot with a trailer for its new `size`; one that keeps its size is copied
+        as it is (a damaged one always does: its frame stays unreadable, the rest of the
+        file is unaffected)."""
+        if size == len(slot):
+            return slot
         try:
             trailer = fmt.parse_trailer_at_end(memoryview(slot))
         except CorruptData:
-            return slot
+            raise CorruptData(f"compress: frame {index} changed during a relayout") from None
         frame = slot[: len(slot) - trailer.length]
-        room = headroom(len(frame), self.frame_size, self._growth)
-        room = max(trailer.length - fmt.TRAILER_MIN, room)
-        return fmt.encode_slot(frame, index, generation, len(frame) + fmt.TRAILER_MIN + room)
+        return fmt.encode_slot(frame, index, generation, size)
+
+
+@dataclass
+class _Part:
+    """One frame of a local run: the frame (None: a damaged slot kept as it is), its slot
+    as read (empty for a new encoding), the bytes it needs and the headroom it wants."""
+
+    frame: Bytes | None
+    slot: bytes
+    need: int
+    target: int
+
+
+@dataclass
+class _Run:
+    """Slots first..stop-1 laid out again over exactly the bytes they occupied."""
+
+    first: int
+    stop: int
+    slots: list[bytes] = field(default_factory=list)
+    checksums: list[int] = field(default_factory=list)
 
 
 @dataclass
 class _Region:
-    """Slots laid out again: where they belong, where they were staged (if they were)."""
+    """Slots first..stop-1 laid out anew from `start`: their new sizes and checksums, and
+    how they are written (`shifted`: kept slots move; those before staged_stop are staged
+    past the end, the others moved up in place)."""
 
     start: int
-    staged_at: int | None
-    slots: list[tuple[int, int]] = field(default_factory=list)  # (slot size, checksum)
+    first: int
+    stop: int
+    sizes: list[int] = field(default_factory=list)
+    checksums: list[int] = field(default_factory=list)
+    offsets: array = field(default_factory=lambda: array("Q"))
     length: int = 0
+    shifted: bool = False
+    staged_stop: int = 0
+    #: Bytes written for the relayout so far (staged, moved and written in place).
+    written: int = 0
 
+    def offset(self, index: int) -> int:
+        """Where the new slot of frame `index` starts (index == stop: where they end)."""
+        return self.offsets[index - self.first]
 
-class _Writer:
-    """Writes a run of new slots front to back from `base`, reading the old slots to copy
-    in batches (one lower read per run of adjacent slots, up to WRITE_CHUNK)."""
-
-    def __init__(
-        self, lower: RandomAccessFile, base: int, kept: list[int], offsets: array
-    ) -> None:
-        self._lower = lower
-        self.base = self.position = base
-        self._pending = bytearray()
-        self._kept = kept
-        self._next = 0  # first kept slot not read yet
-        self._saved: dict[int, bytes] = {}
-        self._offsets = offsets
-
-    def old_slot(self, index: int) -> bytes:
-        if index not in self._saved:
-            self._read_batch()
-        return self._saved.pop(index)
-
-    def emit(self, slot: Bytes) -> None:
-        self._pending += slot
-        if len(self._pending) >= WRITE_CHUNK:
-            self._write_pending()
-
-    def finish(self) -> int:
-        self._write_pending()
-        return self.position
-
-    def _write_pending(self) -> None:
-        if self._pending:
-            self._lower.write(self.position, self._pending)
-        self.position += len(self._pending)
-        self._pending = bytearray()
-
-    def _read_batch(self) -> None:
-        """Read the next kept slots: adjacent ones, about WRITE_CHUNK bytes of them."""
-        first = self._kept[self._next]
-        stop = first + 1
-        self._next += 1
-        while (
-            self._next < len(self._kept)
-            and self._kept[self._next] == stop
-            and self._offsets[stop + 1] - self._offsets[first] <= WRITE_CHUNK
-        ):
-            stop += 1
-            self._next += 1
-        base = self._offsets[first]
-        view = memoryview(self._lower.read(base, self._offsets[stop] - base))
-        for index in range(first, stop):
-            lo, hi = self._offsets[index] - base, self._offsets[index + 1] - base
-            # A short read (the file shrank) keeps what is there; the frame reads EIO.
-            self._saved[index] = bytes(view[lo:hi]).ljust(hi - lo, b"\0")
+    def size(self, index: int) -> int:
+        return self.sizes[index - self.first]

@@ -305,6 +305,26 @@ def parse_trailer_at_end(slot: bytes | bytearray | memoryview) -> Trailer:
     return Trailer(index, generation, length)
 
 
+#: Bytes at the end of every trailer that give its length (index, generation, length).
+TRAILER_TAIL = _TRAILER_TAIL.size  # 16
+
+
+def trailer_length(tail: bytes | bytearray | memoryview, slot_size: int) -> int | None:
+    """The trailer length a slot's last TRAILER_TAIL bytes give, if it can be one."""
+    if len(tail) != TRAILER_TAIL:
+        return None
+    length = _TRAILER_TAIL.unpack(tail)[2]
+    return length if TRAILER_MIN <= length <= slot_size else None
+
+
+def is_trailer_head(head: bytes | bytearray | memoryview, length: int) -> bool:
+    """Whether `head` is the skippable-frame header of a trailer of `length` bytes (with
+    `trailer_length`, the checks of `parse_trailer_at_end` without reading the padding)."""
+    if len(head) != SKIPPABLE_HEADER_SIZE:
+        return False
+    return _SKIPPABLE.unpack(head) == (TRAILER_MAGIC, length - SKIPPABLE_HEADER_SIZE)
+
+
 def parse_trailer_at(buf: bytes | bytearray | memoryview, pos: int, end: int) -> Trailer:
     """The trailer starting at `pos` (what a scan finds after a frame)."""
     if end - pos < SKIPPABLE_HEADER_SIZE:
