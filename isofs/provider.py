@@ -66,7 +66,10 @@ class RandomAccessFile(Protocol):
         ...
 
     def flush(self) -> None:
-        """Push buffered state down to the lower file (not necessarily to stable storage)."""
+        """Push buffered state down to the lower file (not necessarily to stable storage).
+
+        An upper file that buffers may also have `pending_bytes() -> int`: about how much
+        its flush will write, so the core can run a large flush off the event loop."""
         ...
 
 

@@ -455,8 +455,13 @@ class Section:
 
     async def _flush_upper(self) -> None:
         self._upper_pending = False
+        # A layer that keeps writes (compress encodes its changed frames at flush) may say
+        # how much its flush will write: more than a request's worth goes to a worker thread,
+        # so the loop keeps answering other processes meanwhile.
+        pending = getattr(self.upper, "pending_bytes", None)
+        size = pending() if pending is not None else 0
         try:
-            await self._call(self.upper.flush)
+            await self._call(self.upper.flush, size=size)
         except BaseException:
             self._upper_pending = True
             raise

@@ -349,6 +349,13 @@ class CompressedFile:
         self._size = size
         self._layout_changed = True
 
+    def pending_bytes(self) -> int:
+        """About what `flush` will encode and write (the core runs a large flush off the
+        event loop): the changed frames, or the whole file when its layout changed."""
+        if self._layout_changed:
+            return max(self._size, len(self._dirty) * self.frame_size)
+        return len(self._dirty) * self.frame_size
+
     def flush(self) -> None:
         self._check_usable()
         self._write_out()
