@@ -10,6 +10,7 @@ leaves the old file untouched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,8 +22,13 @@ TEMP_PREFIX = ".isofs-tmp."
 def fsync_directory(directory: int | str | os.PathLike[str]) -> None:
     """Make a directory's entries (a rename, a new name) durable."""
     if isinstance(directory, int):
-        os.fsync(directory)
-        return
+        try:
+            os.fsync(directory)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+        directory = f"/proc/self/fd/{directory}"  # an O_PATH descriptor: open it for real
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -69,12 +75,19 @@ def new_file(
         os.close(fd)
 
 
-def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int = 0) -> None:
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     """pwrite until every byte is written (a short write is retried, ENOSPC raised)."""
     view = memoryview(data)
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write all of `data` to a new file. A short write to a regular file means a full disk:
+    it is an error (ENOSPC), so that the caller's file is never left short."""
+    if os.write(fd, data) != len(data):
+        raise OSError(errno.ENOSPC, "short write: no space left on device")
 
 
 def replace_at(

@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import Iterator
 
+from isofs import durable
 from isofs.core.native import open_keeping_atime, set_times
 from isofs.provider import CorruptData, NameTransform
 
@@ -31,22 +32,10 @@ def _read_small(dir_fd: int, name: str) -> bytes:
 
 
 def _write_new(dir_fd: int, name: str, data: bytes) -> None:
-    """Create a small file durably (its absence would make names unreadable).
-
-    All or nothing: a file left empty or short (a full disk) would make every name of its
-    directory unreadable, so a failed write removes it again.
-    """
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444, dir_fd=dir_fd)
-    try:
-        if os.write(fd, data) != len(data):
-            raise OSError(errno.ENOSPC, f"short write of {name}")
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(name, dir_fd=dir_fd)
-        raise
-    os.close(fd)
+    """Create a small file durably and whole (isofs.durable): its absence, or a short one (a
+    full disk), would make every name of its directory unreadable. FileExistsError when it
+    appeared meanwhile."""
+    durable.replace_at(dir_fd, name, data, mode=0o444, exclusive=True)
 
 
 def _open_directory(parent_fd: int, name: str) -> int | None:
@@ -105,7 +94,7 @@ class ViewNames:
 
     def candidates(self, dir_number: int, dir_fd: int, name: str) -> list[str]:
         """Native names that may hold view name `name`, most likely first."""
-        if self.transform.is_bookkeeping(name):
+        if self._bookkeeping(name):
             return []
         key = self.dir_key(dir_number, dir_fd)
         if key is None:
@@ -139,7 +128,7 @@ class ViewNames:
 
     def to_view(self, dir_number: int, dir_fd: int, native: str) -> str | None:
         """The name the view shows for a native entry; None for bookkeeping files."""
-        if self.transform.is_bookkeeping(native):
+        if self._bookkeeping(native):
             return None
         key = self.dir_key(dir_number, dir_fd)
         if key is None:
@@ -150,6 +139,11 @@ class ViewNames:
             return self.transform.to_view(key, native, sidecar)
         except (CorruptData, FileNotFoundError):
             return native  # not a transformed name: passed through like unformatted data
+
+    def _bookkeeping(self, native: str) -> bool:
+        """The transform's key files and sidecars, and the temporary files that write them
+        whole (isofs.durable): no transformed view shows them."""
+        return self.transform.is_bookkeeping(native) or native.startswith(durable.TEMP_PREFIX)
 
     # ----------------------------------------------------------------- symlinks
 

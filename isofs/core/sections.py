@@ -20,6 +20,7 @@ import trio
 from isofs.core import native
 from isofs.core.locks import ResourceLock
 from isofs.core.pagecache import PageCache
+from isofs.durable import pwrite_all
 from isofs.provider import CorruptData, RandomAccessFile, Stack
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,8 @@ class NativeFile:
             offset // FS_BLOCK != (offset + view.nbytes - 1) // FS_BLOCK
         ):
             self._can_reserve = native.reserve(self.fd, offset, view.nbytes)
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], offset + done)
-        return done
+        pwrite_all(self.fd, view, offset)
+        return view.nbytes
 
     def truncate(self, size: int) -> None:
         os.ftruncate(self.fd, size)

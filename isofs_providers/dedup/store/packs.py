@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from isofs.durable import fsync_directory, write_all
+from isofs.durable import fsync_directory, pwrite_all
 from isofs.provider import CorruptData
 
 PACK_MAGIC = b"ISOFSPK1"
@@ -241,7 +241,7 @@ class PackWriter:
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            write_all(fd, encode_header(pack_id), 0)
+            pwrite_all(fd, encode_header(pack_id), 0)
             os.fsync(fd)
             os.rename(temp, directory / name)
             fsync_directory(directory)
@@ -299,7 +299,7 @@ class PackWriter:
             logical = RECORD.unpack_from(data)[3]
             self.entries.append((chunk_id, offset, len(data), logical))
             offset += len(data)
-        write_all(self.fd, b"".join(data for _, data in records), self.end)
+        pwrite_all(self.fd, b"".join(data for _, data in records), self.end)
         self.end = offset
         return placed
 
@@ -311,7 +311,7 @@ class PackWriter:
     def seal(self) -> int:
         """Write the trailer and footer and fsync; the pack's final size."""
         trailer = encode_trailer(self.entries, self.end)
-        write_all(self.fd, trailer, self.end)
+        pwrite_all(self.fd, trailer, self.end)
         os.fsync(self.fd)
         self.end += len(trailer)
         self.synced_end = self.end
