@@ -79,13 +79,34 @@ def say(text: str) -> None:
         raise StdoutClosed from None
 
 
+def _unblock_stop_signals() -> None:
+    """In the child: the mask blocked around Popen() would otherwise be inherited."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
 def run(title: str, command: list[str]) -> None:
     shown = " ".join(c if " " not in c else repr(c) for c in command)
     say(f"\n# {title}\n$ {shown.replace(sys.executable + ' -m isofs', 'isofs')}\n")
-    result = subprocess.run(command, stdout=subprocess.PIPE)
-    say(result.stdout.decode(errors="replace"))
-    if result.returncode != 0:
-        raise subprocess.CalledProcessError(result.returncode, shown)
+    # A stop signal arriving while Popen() waits for the child's exec would escape before the
+    # child is ours to kill, and it would go on alone; so it waits until the child is known.
+    process: subprocess.Popen[bytes] | None = None
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, preexec_fn=_unblock_stop_signals
+        )
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        output, _ = process.communicate()
+    except BaseException:
+        if process is not None:
+            process.kill()
+            process.wait()
+        raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    say(output.decode(errors="replace"))
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, shown)
 
 
 def show(work: Path) -> None:

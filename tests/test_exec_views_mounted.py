@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Mount, run_isofs
+from conftest import Mount, run_isofs, wait_until
 
 pytestmark = pytest.mark.mount
 PASSPHRASE = b"exec view passphrase\n"
@@ -31,8 +31,9 @@ for name in sorted(os.listdir(root)):
     if os.path.isfile(path):
         with open(path, "rb") as f:
             seen[name] = [os.stat(path).st_size, f.read().hex()]
-mounts = [l.split(" - ")[1].split()[0] for l in open("/proc/self/mountinfo") if " - " in l]
-print(json.dumps({"files": seen, "isofs_mounts": mounts.count("fuse.isofs")}))
+mounts = [(l.split()[4], l.split(" - ")[1].split()[0]) for l in open("/proc/self/mountinfo")]
+at_root = [fstype for point, fstype in mounts if point == os.path.realpath(root)]
+print(json.dumps({"files": seen, "isofs_mounts": at_root.count("fuse.isofs")}))
 """
 
 
@@ -194,3 +195,18 @@ def test_an_all_target_mount_is_one_view_and_native_exec_still_sees_the_source(
     seen = in_view("native", mount.mnt)
     assert seen["isofs_mounts"] == 0
     assert bytes.fromhex(seen["files"]["f"][1])[:8] == b"ISOFSENC"
+
+
+def test_native_exec_shows_the_directory_under_a_mount_whose_daemon_was_killed(
+    tmp_path: Path, mount_factory
+) -> None:
+    source, passfile = vault(tmp_path)
+    (source / "kept.txt").write_bytes(b"native bytes under the dead mount")
+    mount = mount_factory(source, source, "--passfile", passfile, "--default-view", "target")
+    os.kill(mount.pid, 9)
+    assert wait_until(lambda: not mount.daemon_running, timeout=10)
+    with pytest.raises(OSError):
+        os.listdir(mount.mnt)  # the dead mount answers ENOTCONN
+    seen = in_view("native", mount.mnt)
+    assert seen["isofs_mounts"] == 0
+    assert bytes.fromhex(seen["files"]["kept.txt"][1]) == b"native bytes under the dead mount"

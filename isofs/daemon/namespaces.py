@@ -132,7 +132,15 @@ def enter_native_view() -> list[str]:
     returns the mount points changed. The working directory is looked up again after."""
     cwd = _cwd()
     mounts = isofs_mounts()
+    live = {m.mountpoint for m in mounts}
+    # A mount whose daemon is gone answers ENOTCONN; with no record its source is unknown,
+    # so it is only detached (an in-place mount's source then shows again).
+    dead = [e.mountpoint for e in mount_table()
+            if e.fstype == MOUNT_TYPE and e.mountpoint not in live]  # fmt: skip
     private_namespace()
+    for mountpoint in dead:
+        with contextlib.suppress(NamespaceError):
+            detach(mountpoint)
     for mount in mounts:
         detach(mount.mountpoint)
         if os.path.realpath(mount.source) != mount.mountpoint:
