@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime as _dt
 import fnmatch
 import io
@@ -35,8 +36,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from isofs.daemon import namespaces
 from isofs.daemon.runtime import processes_naming
 from isofs.mountinfo import mount_table
+from isofs.views.execgroups import ExecError, join_view_group
+from isofs.views.policy import VIEW_NATIVE, VIEW_TARGET
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -75,6 +79,13 @@ ROWS: list[Row] = [
     Row("seq-read-cold", "MiB/s", True, "read it back after sync + drop_caches"),
     Row("seq-read-warm", "MiB/s", True, "read it again at once"),
     Row("rand-read-4k", "IOPS", True, "4 KiB os.pread at random aligned offsets, warm"),
+    Row(
+        "rand-read-4k-uncached",
+        "IOPS",
+        True,
+        "4 KiB os.pread at distinct random aligned offsets, readahead off, the file's kernel "
+        "cache dropped before each batch: every read reaches the daemon",
+    ),
     Row("create-10k", "s", False, "create N small files (open/write/close) in one dir"),
     Row("list-scandir-cold", "s", False, "os.scandir + entry.stat() after remount + drop"),
     Row("list-scandir-warm", "s", False, "the same again at once"),
@@ -591,6 +602,53 @@ class IsofsEncrypt2View(IsofsEncrypt):
         self.mount_args = ["--passfile", str(self.passfile), "--target", f"uid={os.geteuid()}"]
 
 
+class IsofsEncryptExec(IsofsEncrypt2View):
+    """The two-view encrypt mount, worked on by a process in an `isofs exec` view (§9 of
+    docs/ARCHITECTURE.md): a forked child joins the view's group and enters the view's mount
+    namespace as `isofs exec --view VIEW` does, then runs and times every row itself and sends
+    the figures back through a pipe (run_in_exec_view). Forked, so that the benchmark's own
+    namespace and group stay as they are for the other contenders."""
+
+    view = "?"
+
+    def check(self, tried: set[str]) -> str | None:
+        if os.geteuid() != 0:
+            return "isofs exec needs root (view groups and mount namespaces)"
+        return None
+
+    def enter_view(self) -> None:
+        """In the child: what `isofs exec --view VIEW` does after joining the group."""
+        raise NotImplementedError
+
+
+class IsofsEncryptExecNative(IsofsEncryptExec):
+    """`isofs exec --view native`: the mount point is the source directory itself."""
+
+    name = "isofs-encrypt-exec-native"
+    view = VIEW_NATIVE
+
+    def enter_view(self) -> None:
+        shown = namespaces.enter_native_view()
+        if os.path.realpath(str(self.mnt)) not in map(os.path.realpath, shown):
+            raise MountError(f"isofs exec --view native did not find the mount {self.mnt}")
+
+
+class IsofsEncryptExecTarget(IsofsEncryptExec):
+    """`isofs exec --view target` from inside the mount: the target-view daemon's one-view
+    mount, in its own namespace."""
+
+    name = "isofs-encrypt-exec-target"
+    view = VIEW_TARGET
+
+    def enter_view(self) -> None:
+        assert self.mnt is not None
+        os.chdir(self.mnt)
+        entered = namespaces.enter_target_view()
+        if entered is None or os.path.realpath(entered) != os.path.realpath(self.mnt):
+            # It would fall back to the shared mount's per-process view: not this contender.
+            raise MountError(f"no target-view daemon to enter for {self.mnt} (got {entered})")
+
+
 class IsofsXorpad(IsofsCli):
     """The example provider (examples/isofs-xorpad), every process in the target view."""
 
@@ -603,18 +661,63 @@ CONTENDERS: dict[str, type[Contender]] = {
     c.name: c
     for c in (
         Native, Minimal, Bindfs, IsofsCli, Gocryptfs, BindfsBigWrites,
-        IsofsEncrypt, IsofsEncrypt2View, IsofsXorpad,
+        IsofsEncrypt, IsofsEncrypt2View, IsofsEncryptExecNative, IsofsEncryptExecTarget,
+        IsofsXorpad,
     )
 }  # fmt: skip
 DEFAULT_CONTENDERS = ["native", "minimal", "bindfs", "isofs"]
+#: `--contenders targets`: every contender issue 11's targets compare, in one run.
+TARGET_CONTENDERS = [
+    "native", "minimal", "isofs", "gocryptfs", "isofs-encrypt", "isofs-encrypt-2view",
+    "isofs-encrypt-exec-native", "isofs-encrypt-exec-target",
+]  # fmt: skip
+CONTENDER_SETS = {"targets": TARGET_CONTENDERS}
 
 # Ratio columns: (numerator, denominator). Only those whose both sides ran are shown.
 RATIO_BASES = ["native"]
 EXTRA_RATIOS = [
     ("isofs", "minimal"),
+    ("isofs-encrypt", "minimal"),
     ("isofs-encrypt", "gocryptfs"),
     ("isofs-encrypt-2view", "gocryptfs"),
+    ("isofs-encrypt-exec-target", "isofs-encrypt"),
 ]
+
+METADATA_ROWS = (
+    "create-10k", "list-scandir-cold", "list-scandir-warm", "list-ls-cold", "list-ls-warm",
+    "untar", "unlink-10k", "stat-us",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of issue 11's targets: contender's speed over base's at least ``at_least``."""
+
+    contender: str
+    base: str
+    rows: tuple[str, ...]  # row names or shell patterns
+    at_least: float
+    what: str
+
+    def applies(self, row: str) -> bool:
+        return any(fnmatch.fnmatchcase(row, pattern) for pattern in self.rows)
+
+
+TARGETS = [
+    Target("isofs-encrypt", "gocryptfs", ("create-10k", "untar", "unlink-10k"), 0.8,
+           "at least 0.8x gocryptfs (moonshot 1.0x)"),
+    Target("isofs-encrypt", "gocryptfs", ("list-ls-cold",), 1.0, "at least 1.0x gocryptfs"),
+    Target("isofs", "minimal", METADATA_ROWS, 0.9, "at least 0.9x the minimal passthrough"),
+    Target("isofs-encrypt", "minimal", ("rand-read-4k-uncached",), 0.95,
+           "at least 0.95x the minimal passthrough"),
+    Target("isofs-encrypt-2view", "gocryptfs", ("list-ls-cold", "list-ls-warm"), 0.4,
+           "at least 0.4x gocryptfs"),
+    # "Within 1.1x (1.2x)": takes at most 1.1 (1.2) times as long, a speed ratio >= 1/1.1.
+    Target("isofs-encrypt-exec-native", "native", ("*",), 1 / 1.1,
+           "within 1.1x of the native directory"),
+    Target("isofs-encrypt-exec-target", "isofs-encrypt", ("list-*",), 1 / 1.2,
+           "within 1.2x of the one-view mount"),
+]  # fmt: skip
 
 
 def _git_describe() -> str:
@@ -764,20 +867,31 @@ def prefault(ctx: Ctx) -> None:
         scratch.unlink(missing_ok=True)
 
 
-def run_workloads(c: Contender, ctx: Ctx, record: Callable[[str, float], None]) -> None:
-    """All selected rows, in order, on one mounted contender."""
+def run_workloads(
+    c: Contender,
+    ctx: Ctx,
+    record: Callable[[str, float], None],
+    fresh_mount: Callable[[], None] | None = None,
+) -> None:
+    """All selected rows, in order, on one mounted contender.
+
+    ``fresh_mount`` replaces ``c.remount()`` before the cold rows (an exec view's child asks
+    the benchmark for the remount and enters the view again).
+    """
     s = ctx.sizes
     d = c.data_dir
     big = d / "big.bin"
     mib = s.file_bytes / MiB
 
     def cold() -> None:
-        if c.is_fuse:
+        if fresh_mount is not None:
+            fresh_mount()
+        elif c.is_fuse:
             c.remount()
         ctx.caches.drop()
 
     # 1-4: one big file ------------------------------------------------------------
-    if ctx.wants("seq-write", "seq-read-cold", "seq-read-warm", "rand-read-4k"):
+    if ctx.wants("seq-*", "rand-read-4k*"):
         if ctx.wants("seq-write"):
             prefault(ctx)
         os.sync()
@@ -805,6 +919,8 @@ def run_workloads(c: Contender, ctx: Ctx, record: Callable[[str, float], None]) 
             finally:
                 os.close(fd)
             record("rand-read-4k", s.rand_reads / dt)
+        if ctx.wants("rand-read-4k-uncached"):
+            record("rand-read-4k-uncached", uncached_random_reads(big, s))
         big.unlink()
         os.sync()
 
@@ -865,8 +981,138 @@ def run_workloads(c: Contender, ctx: Ctx, record: Callable[[str, float], None]) 
         os.sync()
 
     # 10: alternating views (isofs two-view mounts only) ------------------------------
-    if ctx.wants("alt-view-read") and isinstance(c, IsofsEncrypt2View):
+    if (
+        ctx.wants("alt-view-read")
+        and isinstance(c, IsofsEncrypt2View)
+        and not isinstance(c, IsofsEncryptExec)
+    ):
         record("alt-view-read", alternating_view_read(c, d / "alt" / "alt.bin"))
+
+
+def run_in_exec_view(c: IsofsEncryptExec, ctx: Ctx, record: Callable[[str, float], None]) -> None:
+    """run_workloads() in a forked child in c's `isofs exec` view; it times every row itself.
+
+    The child sends one JSON line per message: {"row", "value"} for a figure, {"remount"}
+    before the cold rows (the benchmark remounts the shared mount and answers "ok"; the child
+    first goes back to the benchmark's namespace, then enters the view afresh, as a new
+    `isofs exec` would), {"error"} when it fails. Its end of the pipe closing ends the run.
+    """
+    from_child, child_out = os.pipe()
+    child_in, to_child = os.pipe()
+    sys.stdout.flush()  # or the child would print what is buffered a second time
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the benchmark's own code
+        code = 1
+        try:
+            os.close(from_child)
+            os.close(to_child)
+            for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    signal.signal(sig, signal.SIG_DFL)
+            with open(child_out, "w", buffering=1) as out, open(child_in) as answers:
+                code = _exec_view_child(c, ctx, out, answers)
+        finally:
+            os._exit(code)
+    os.close(child_out)
+    os.close(child_in)
+    error, status = None, None
+    try:
+        with open(from_child) as messages, open(to_child, "w", buffering=1) as answers:
+            for line in messages:
+                msg = json.loads(line)
+                if "row" in msg:
+                    record(msg["row"], float(msg["value"]))
+                elif "remount" in msg:
+                    c.remount()
+                    answers.write("ok\n")
+                elif "error" in msg:
+                    error = str(msg["error"])
+        status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    finally:
+        if status is None:  # the benchmark failed or was interrupted: the child goes too
+            stop_pid(pid)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    if error is not None:
+        raise MountError(f"in the {c.view} view: {error}")
+    if status != 0:
+        raise MountError(f"the {c.view} view's process exited with status {status}")
+
+
+def _exec_view_child(c: IsofsEncryptExec, ctx: Ctx, out: io.TextIOBase, answers: io.TextIOBase
+                     ) -> int:  # fmt: skip
+    """The exec view child's work; its exit status."""
+    own_namespace = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+
+    def send(**msg: object) -> None:
+        out.write(json.dumps(msg) + "\n")
+
+    def fresh_mount() -> None:
+        # Leave the view (nothing of ours may hold the old mount), have the shared mount
+        # remounted, and enter the view again, as a new `isofs exec` would.
+        os.chdir(c.work)
+        if _setns(own_namespace) != 0:
+            raise OSError(ctypes.get_errno(), "setns back to the benchmark's namespace")
+        os.chdir(c.work)
+        send(remount=True)
+        if answers.readline().strip() != "ok":
+            raise MountError("the benchmark could not remount")
+        c.enter_view()
+
+    try:
+        join_view_group(c.view, os.getpid())
+        c.enter_view()
+        run_workloads(c, ctx, lambda row, value: send(row=row, value=value), fresh_mount)
+    except (ExecError, namespaces.NamespaceError, MountError, OSError,
+            subprocess.SubprocessError) as exc:  # fmt: skip
+        send(error=one_line(str(exc)))
+        return 1
+    except Exception as exc:  # a bug: say which, the benchmark goes on with the others
+        send(error=f"{type(exc).__name__}: {one_line(str(exc))}")
+        return 1
+    return 0
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> int:
+    """setns(fd, CLONE_NEWNS) (os.setns is Python 3.12+)."""
+    return int(_libc.setns(fd, namespaces.CLONE_NEWNS))
+
+
+UNCACHED_BATCH = 1000
+
+
+def uncached_random_reads(path: Path, s: Sizes) -> float:
+    """IOPS of 4 KiB preads that each reach the daemon (the native directory: the disk).
+
+    Dropping the file's kernel cache (POSIX_FADV_DONTNEED, what fio's --invalidate=1 does)
+    before each batch, with readahead off (POSIX_FADV_RANDOM: a read asks for its own pages
+    only) and no offset read twice, leaves every read a page-cache miss for every contender
+    alike. O_DIRECT was the other way, but the contenders treat it differently: isofs answers
+    it with direct_io and reads the backing file through the page cache, while the minimal
+    passthrough passes it on to its own open of the backing file, where its unaligned
+    os.pread buffers then fail with EINVAL (disk reads, were they aligned).
+    """
+    rng = random.Random(SEED + 1)
+    nblocks = s.file_bytes // 4096
+    offsets = [b * 4096 for b in rng.sample(range(nblocks), min(s.rand_reads, nblocks))]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        pread, total = os.pread, 0.0
+        for start in range(0, len(offsets), UNCACHED_BATCH):
+            batch = offsets[start : start + UNCACHED_BATCH]
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            t0 = time.perf_counter()
+            for off in batch:
+                pread(fd, 4096, off)
+            total += time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    return len(offsets) / total
 
 
 ALT_FILE_BYTES = 64 * MiB
@@ -942,31 +1188,94 @@ def ratio_pairs(names: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+#: Wider than this, the speed ratios get a table of their own, with two-line headers.
+TABLE_WIDTH = 150
+
+
 def render_table(rows: list[Row], names: list[str], med: dict[str, dict[str, float]]) -> str:
     pairs = ratio_pairs(names)
-    header = ["row", "unit", *names, *(f"{a}/{b}" for a, b in pairs)]
-    lines = []
-    for row in rows:
-        vals = [med.get(n, {}).get(row.name) for n in names]
-        ratios = [
-            speed_ratio(row, med.get(a, {}).get(row.name), med.get(b, {}).get(row.name))
+    values = [[fmt(med.get(n, {}).get(row.name)) for n in names] for row in rows]
+    ratios = [
+        [
+            f"{r:.2f}x" if (r := speed_ratio(row, med.get(a, {}).get(row.name),
+                                             med.get(b, {}).get(row.name))) else "-"
             for a, b in pairs
         ]
-        lines.append(
-            [row.name, row.unit, *map(fmt, vals), *(f"{r:.2f}x" if r else "-" for r in ratios)]
-        )
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=True)]
+        for row in rows
+    ]  # fmt: skip
+    heads = [[n] for n in names]
+    both = _grid(rows, heads + [[f"{a}/{b}"] for a, b in pairs],
+                 [v + r for v, r in zip(values, ratios, strict=True)], bar=len(names))  # fmt: skip
+    if not pairs or max(map(len, both.splitlines())) <= TABLE_WIDTH:
+        return both
+    out = [_grid(rows, heads, values)]
+    against_base = [i for i, (_, b) in enumerate(pairs) if b in RATIO_BASES]
+    others = [i for i in range(len(pairs)) if i not in against_base]
+    for title, group in (("speed ratios a/b against", against_base), ("speed ratios a/b", others)):
+        if group:
+            bases = sorted({pairs[i][1] for i in group}) if group is against_base else []
+            out += ["", " ".join([title, *bases]) + ":"]
+            out.append(_grid(rows, [[pairs[i][0], f"/{pairs[i][1]}"] for i in group],
+                             [[line[i] for i in group] for line in ratios]))  # fmt: skip
+    return "\n".join(out)
+
+
+def _grid(rows: list[Row], heads: list[list[str]], cells: list[list[str]],
+          bar: int | None = None) -> str:  # fmt: skip
+    """Row and unit on the left, then one right-aligned column per head (a head may have
+    several lines, bottom-aligned); a "|" before column ``bar`` if given."""
+    all_heads = [["row"], ["unit"], *heads]
+    depth = max(map(len, all_heads))
+    padded = [[""] * (depth - len(h)) + h for h in all_heads]
+    body = [[row.name, row.unit, *c] for row, c in zip(rows, cells, strict=True)]
+    widths = [
+        max([len(x) for x in head] + [len(line[i]) for line in body])
+        for i, head in enumerate(padded)
+    ]
 
     def line(cells: list[str]) -> str:
         out = [f"{cells[0]:<{widths[0]}}", f"{cells[1]:<{widths[1]}}"]
         out += [f"{c:>{w}}" for c, w in zip(cells[2:], widths[2:], strict=True)]
-        if pairs:
-            k = 2 + len(names)
-            out.insert(k, "|")
+        if bar is not None and bar < len(heads):
+            out.insert(2 + bar, "|")
         return "  ".join(out)
 
-    sep = "-" * len(line(header))
-    return "\n".join([line(header), sep, *(line(cells) for cells in lines)])
+    head_lines = [line([h[k] for h in padded]) for k in range(depth)]
+    sep = "-" * max(map(len, head_lines))
+    return "\n".join([*head_lines, sep, *(line(cells) for cells in body)])
+
+
+def render_targets(rows: list[Row], names: list[str], med: dict[str, dict[str, float]]) -> str:
+    """Issue 11's targets, row by row: the speed ratio of this run's medians, met or not."""
+    table: list[list[str]] = []
+    met = 0
+    for row in rows:
+        for t in TARGETS:
+            if not t.applies(row.name) or t.contender not in names or t.base not in names:
+                continue
+            a, b = med.get(t.contender, {}).get(row.name), med.get(t.base, {}).get(row.name)
+            if a is None and b is None:
+                continue  # a row neither contender has (alt-view-read)
+            r = speed_ratio(row, a, b)
+            ok = r is not None and r >= t.at_least
+            met += ok
+            result = "met" if ok else ("not met" if r is not None else "not measured")
+            table.append([row.name, f"{t.contender}/{t.base}", f"{r:.2f}x" if r else "-",
+                          f">= {t.at_least:.2f}x", result, t.what])  # fmt: skip
+    unchecked = sorted({f"{t.contender}/{t.base}" for t in TARGETS
+                        if t.contender not in names or t.base not in names})  # fmt: skip
+    out = ["targets (issue 11): speed ratio of the medians, higher is better"]
+    if table:
+        head = ["row", "contender/base", "ratio", "target", "result", "the target"]
+        widths = [max(len(x[i]) for x in [head, *table]) for i in range(len(head))]
+        align = "<<>><<"
+        for cells in [head, *table]:
+            padded = (f"{c:{a}{w}}" for c, a, w in zip(cells, align, widths, strict=True))
+            out.append("  ".join(padded).rstrip())
+        out.append(f"{met} of {len(table)} met")
+    if unchecked:
+        out.append("not checked (a contender did not run): " + ", ".join(unchecked))
+    return "\n".join(out)
 
 
 def render_spread(
@@ -974,17 +1283,18 @@ def render_spread(
 ) -> str:
     out = ["spread of the repetitions, (max-min)/median:"]
     width = max(len(r.name) for r in rows)
-    head = " " * width + "  " + "  ".join(f"{n:>10}" for n in names)
+    cols = [max(10, len(n)) for n in names]
+    head = " " * width + "  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, cols, strict=True))
     out.append(head)
     for row in rows:
         cells = []
-        for n in names:
+        for n, w in zip(names, cols, strict=True):
             xs = samples.get(n, {}).get(row.name, [])
             if len(xs) < 2:
-                cells.append(f"{'-':>10}")
+                cells.append(f"{'-':>{w}}")
             else:
                 m = statistics.median(xs)
-                cells.append(f"{(max(xs) - min(xs)) / m * 100:>9.0f}%")
+                cells.append(f"{(max(xs) - min(xs)) / m * 100:>{w - 1}.0f}%")
         out.append(f"{row.name:<{width}}  " + "  ".join(cells))
     return "\n".join(out)
 
@@ -1050,7 +1360,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="rows: "
         + ", ".join(r.name for r in ROWS)
         + " | contenders: "
-        + ", ".join(CONTENDERS),
+        + ", ".join(CONTENDERS)
+        + " | contender sets: "
+        + "; ".join(f"{k} = {','.join(v)}" for k, v in CONTENDER_SETS.items()),
     )
     p.add_argument(
         "--quick", action="store_true", help="1 repetition, smaller sizes, no memory pre-fault"
@@ -1064,7 +1376,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--contenders",
         metavar="LIST",
         default=",".join(DEFAULT_CONTENDERS),
-        help=f"comma-separated (default {','.join(DEFAULT_CONTENDERS)})",
+        help=f"comma-separated (default {','.join(DEFAULT_CONTENDERS)}); 'targets' stands "
+        "for every contender issue 11's targets compare",
     )
     p.add_argument(
         "--repeat",
@@ -1088,7 +1401,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
 
-    args.contender_names = [n.strip() for n in args.contenders.split(",") if n.strip()]
+    args.contender_names = [
+        name
+        for given in (n.strip() for n in args.contenders.split(",") if n.strip())
+        for name in CONTENDER_SETS.get(given, [given])
+    ]
     unknown = [n for n in args.contender_names if n not in CONTENDERS]
     if unknown:
         p.error(f"unknown contender(s) {', '.join(unknown)}; known: {', '.join(CONTENDERS)}")
@@ -1207,6 +1524,7 @@ def _run(args: argparse.Namespace, sizes: Sizes, work: Path, live: list[Contende
     active = list(contenders)
     orders: list[list[str]] = []
     t_start = time.monotonic()
+    name_width = max((len(c.name) for c in contenders), default=10)
     for rep in range(args.repeat):
         k = rep % len(active) if active else 0
         order = active[k:] + active[:k]
@@ -1229,11 +1547,14 @@ def _run(args: argparse.Namespace, sizes: Sizes, work: Path, live: list[Contende
             try:
                 c.prepare(src)
                 c.mount(src, mnt)
-                run_workloads(c, ctx, record)
+                if isinstance(c, IsofsEncryptExec):
+                    run_in_exec_view(c, ctx, record)
+                else:
+                    run_workloads(c, ctx, record)
             except (MountError, OSError, subprocess.SubprocessError) as exc:
                 msg = one_line(str(exc))
                 errors[c.name] = msg
-                print(f"  {c.name:<10} skipped: {msg}", flush=True)
+                print(f"  {c.name:<{name_width}} skipped: {msg}", flush=True)
                 active.remove(c)
             finally:
                 # Sources stay until the end of the run: deleting thousands of files now
@@ -1241,7 +1562,8 @@ def _run(args: argparse.Namespace, sizes: Sizes, work: Path, live: list[Contende
                 c.unmount()
             if got:
                 summary = ", ".join(f"{r} {fmt(v)}" for r, v in got.items())
-                print(f"  {c.name:<10} {time.monotonic() - t0:5.1f}s  {summary}", flush=True)
+                took = time.monotonic() - t0
+                print(f"  {c.name:<{name_width}} {took:5.1f}s  {summary}", flush=True)
         if not active:
             break
 
@@ -1257,6 +1579,8 @@ def _run(args: argparse.Namespace, sizes: Sizes, work: Path, live: list[Contende
     if args.repeat > 1 and names:
         print()
         print(render_spread(args.rows, names, samples))
+    print()
+    print(render_targets(args.rows, names, med))
     for n, msg in errors.items():
         print(f"  {n}: {msg}")
     print(f"load after the run: {env['load after']}")
