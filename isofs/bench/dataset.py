@@ -27,6 +27,11 @@ LINK_SHARE = 0.02
 SMALL_DIRS = ("docs", "src", "src/lib", "src/lib/deep", "logs")
 SMALL_SHARE = 0.25
 LARGE_DIR = "data"
+#: The large directory's entries at most: past it, its files go to data/part-NN. One
+#: directory's listing holds a native handle per entry in the daemon (README, limits), and
+#: where the open-files limit cannot be raised (a container's) 100,000 files in one
+#: directory would exhaust it; a tree of 10,000-entry directories is the shape measured.
+LARGE_DIR_MAX = 10_000
 LINK_DIR = "links"
 EXTENSIONS = (".txt", ".log", ".json", ".dat", ".csv")
 META_DIR = ".isofs"
@@ -95,9 +100,12 @@ def plan(count: int) -> list[tuple[str, int, bool]]:
     rng = random.Random(SEED + count)
     sizes = file_sizes(count, rng)
     out = []
+    parts = math.ceil(count * (1 - SMALL_SHARE) * 1.05 / LARGE_DIR_MAX)  # 5%: the draw's spread
     for index, size in enumerate(sizes):
         small = rng.random() < SMALL_SHARE
         directory = SMALL_DIRS[index % len(SMALL_DIRS)] if small else LARGE_DIR
+        if not small and parts > 1:
+            directory = f"{LARGE_DIR}/part-{index % parts:02d}"
         name = f"file-{index:07d}{EXTENSIONS[index % len(EXTENSIONS)]}"
         out.append((f"{directory}/{name}", size, rng.random() < RANDOM_SHARE))
     return out
@@ -118,6 +126,10 @@ def build(root: str, count: int, progress: object = None, link_root: str | None 
         os.makedirs(os.path.join(root, directory), exist_ok=True)
         tree.directories.append(directory)
     planned = plan(count)
+    for directory in sorted({os.path.dirname(path) for path, _, _ in planned}):
+        if directory not in tree.directories:
+            os.makedirs(os.path.join(root, directory), exist_ok=True)
+            tree.directories.append(directory)
     for path, size, random_bytes in planned:
         source = noise if random_bytes else pool
         data = _slice(source, rng.randrange(len(source)), size)

@@ -289,10 +289,12 @@ def plot(results: Results, path: str) -> None:
     cells = summarise(results)
     operations, states = results.settings.operations, results.settings.states
     contenders = [c.key for c in results.contenders]
-    figure, axes = plt.subplots(len(operations), 1, figsize=(max(10, 1.1 * len(contenders)
-                                * len(states)), 3.2 * len(operations)), squeeze=False)  # fmt: skip
+    width_inches = max(10, 0.3 * len(contenders) * len(states) + 3)
+    figure, axes = plt.subplots(len(operations), 1, figsize=(width_inches, 3.2 * len(operations)),
+                                squeeze=False)  # fmt: skip
     width = 0.8 / len(contenders)
-    colours = plt.get_cmap("tab10")
+    palette = plt.get_cmap("tab10" if len(contenders) <= 10 else "tab20")
+    colours = [palette(i % palette.N) for i in range(len(contenders))]
     for row, operation in enumerate(operations):
         axis = axes[row][0]
         for index, contender in enumerate(contenders):
@@ -305,7 +307,7 @@ def plot(results: Results, path: str) -> None:
                 heights.append(cell.seconds * 1000)
                 ratio = cell.ratios.get("passthrough")
                 labels.append("" if ratio is None else f"{ratio:.2f}x")
-            bars = axis.bar(xs, heights, width, label=contender, color=colours(index % 10))
+            bars = axis.bar(xs, heights, width, label=contender, color=colours[index])
             axis.bar_label(bars, labels=labels, fontsize=7, rotation=90, padding=2)
         name = OPERATIONS[operation][0]
         axis.set_title(f"{name} ({results.entries:,} entries): bar labels = time / passthrough "
@@ -313,7 +315,7 @@ def plot(results: Results, path: str) -> None:
         axis.set_xticks(range(len(states)), [STATES[s].split(":")[0] for s in states])
         axis.set_ylabel("ms (median)")
         axis.margins(y=0.25)
-    axes[0][0].legend(fontsize=8, ncol=min(4, len(contenders)), loc="upper left")
+    axes[0][0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

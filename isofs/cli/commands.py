@@ -150,6 +150,12 @@ def build_parser(
         "--cache-size", type=_size, default=DEFAULT_CACHE_SIZE, metavar="BYTES",
         help="page cache budget, e.g. 256M (default 256M)",
     )  # fmt: skip
+    mount.add_argument(
+        "--max-inodes", type=_count, metavar="N",
+        help="the most files the kernel may remember at once; each holds a native handle in "
+        "the daemon, and past N the oldest unused are forgotten (default: 7/8 of the "
+        "daemon's open-files limit)",
+    )  # fmt: skip
     _add_secret_options(mount)
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.add_argument("--secrets-fd", type=int, help=argparse.SUPPRESS)
@@ -249,6 +255,16 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 0 <= value <= 86400:
         raise argparse.ArgumentTypeError(f"seconds out of range (0 to 86400): {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 64:
+        raise argparse.ArgumentTypeError(f"at least 64: {text!r}")
     return value
 
 
@@ -392,6 +408,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         default_view=args.default_view,
         exec_views=args.exec_views,
         cache_size=args.cache_size,
+        max_inodes=args.max_inodes,
         keyfile=args.keyfile,
         provider_options=_provider_options(args, "mount"),
         timeouts=Timeouts(args.entry_timeout, args.attr_timeout, args.negative_timeout),

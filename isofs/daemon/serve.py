@@ -32,6 +32,7 @@ from isofs.daemon import namespaces
 from isofs.daemon.control import serve_control
 from isofs.daemon.runtime import MountRecord, is_mounted, mount_device
 from isofs.daemon.targetview import TargetView
+from isofs.fuse.entries import EntryBudget, default_budget
 from isofs.fuse.operations import IsoFS, KernelInvalidator
 from isofs.provider import ProviderError, SecretSource, SetupRequest, Stack
 from isofs.source import META_DIR_NAME, load_stack
@@ -82,6 +83,8 @@ class MountOptions:
     default_view: str | None = None
     exec_views: bool = True
     cache_size: int = DEFAULT_CACHE_SIZE
+    #: Entries the kernel may remember (None: from the open-files limit, isofs.fuse.entries).
+    max_inodes: int | None = None
     keyfile: str | None = None
     secrets: SecretSource | None = None
     #: Mount options of the stack's providers, by provider name (typed and checked).
@@ -212,7 +215,7 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
     os.umask(0)  # modes arrive already masked by the kernel; apply them exactly
     _keep_secrets_out_of_dumps()
     _reuse_large_buffers()
-    native.raise_fd_limit()
+    open_files = native.raise_fd_limit()
     # A read-only mount writes nothing to the source: sizes it learns stay in memory.
     persistent = meta_dir is not None and not stack.is_identity and not options.read_only
     sizes = SizeCache(meta_dir / DB_FILE_NAME if persistent else None)
@@ -232,7 +235,9 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
         read_only=options.read_only,
         timeouts=options.timeouts,
     )
-    operations = IsoFS(volume, debug=options.debug, gate=gate)
+    entries = EntryBudget(options.max_inodes or default_budget(open_files),
+                          invalidator.drop_entries)  # fmt: skip
+    operations = IsoFS(volume, debug=options.debug, gate=gate, entries=entries)
     fuse_options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     fuse_options |= {"fsname=isofs", "subtype=isofs"}
     if options.allow_other:
@@ -286,6 +291,7 @@ def serve(options: MountOptions, report: Callable[[str], None]) -> int:
                 "log": record.log,
                 **volume.status(),
                 "invalidations": invalidator.done,
+                **entries.status(),
                 "target_view_daemon": target_view.pid if target_view else None,
                 **operations.stats.snapshot(),
             }

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from isofs.core.volume import Entry, Requester, Volume
+from isofs.fuse.entries import EntryBudget
 from isofs.fuse.stats import RequestStats
 from isofs.views.gate import ViewGate
 
@@ -115,7 +116,7 @@ class KernelInvalidator:
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[int | list[tuple[int, bytes]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="invalidate", daemon=True)
         self.done = 0
 
@@ -125,19 +126,35 @@ class KernelInvalidator:
     def submit(self, nodeid: int) -> None:
         self._queue.put(nodeid)
 
+    def drop_entries(self, entries: list[tuple[int, bytes]]) -> None:
+        """Ask the kernel to forget these (parent nodeid, name) entries (isofs.fuse.entries)."""
+        self._queue.put(entries)
+
     def stop(self) -> None:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        while (nodeid := self._queue.get()) is not None:
+        while (item := self._queue.get()) is not None:
+            if isinstance(item, list):
+                self._drop_entries(item)
+                continue
             try:
-                pyfuse3.invalidate_inode(nodeid)
+                pyfuse3.invalidate_inode(item)
             except OSError as exc:  # ENOENT: the kernel no longer knows it, nothing to drop
                 if exc.errno != errno.ENOENT:
-                    log.warning("invalidating nodeid %d failed: %s", nodeid, exc)
+                    log.warning("invalidating nodeid %d failed: %s", item, exc)
             self.done += 1
+
+    @staticmethod
+    def _drop_entries(entries: list[tuple[int, bytes]]) -> None:
+        for parent, name in entries:
+            try:
+                pyfuse3.invalidate_entry(parent, name)
+            except OSError as exc:  # ENOENT: gone already (unlinked, renamed, forgotten)
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    log.warning("dropping entry %r of nodeid %d failed: %s", name, parent, exc)
 
 
 class IsoFS(pyfuse3.Operations):
@@ -147,10 +164,20 @@ class IsoFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, volume: Volume, debug: bool = False, gate: ViewGate | None = None) -> None:
+    def __init__(
+        self,
+        volume: Volume,
+        debug: bool = False,
+        gate: ViewGate | None = None,
+        entries: EntryBudget | None = None,
+    ) -> None:
         super().__init__()
         self.volume = volume
         self.debug = debug
+        #: The entries the kernel remembers, kept within the open-files limit.
+        self.entries = entries if entries is not None else EntryBudget(1 << 62, lambda _: None)
+        #: The nodeid of each open directory handle: readdirplus hands out entries in it.
+        self._directories: dict[int, int] = {}
         #: A one-view mount of a target-view daemon admits only callers of that view to what
         #: shows content (isofs.views.gate).
         self.gate = gate
@@ -184,10 +211,16 @@ class IsoFS(pyfuse3.Operations):
             if not ttl:
                 raise
             return _negative(ttl)  # cached by the kernel: the next miss costs no request
+        return self._hand_out(parent_inode, name, entry)
+
+    def _hand_out(self, parent: int, name: bytes, entry: Entry) -> pyfuse3.EntryAttributes:
+        """An entry for the kernel to remember (it holds a native handle until FORGET)."""
+        self.entries.handed_out(parent, name, entry.nodeid)
         return _fill(entry)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for nodeid, count in inode_list:
+            self.entries.forgotten(nodeid)
             try:
                 self.volume.forget(nodeid, count)
             except Exception:
@@ -229,31 +262,29 @@ class IsoFS(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return _fill(
-            self.volume.mknod(parent_inode, os.fsdecode(name), mode, rdev, self._caller(ctx))
-        )
+        entry = self.volume.mknod(parent_inode, os.fsdecode(name), mode, rdev, self._caller(ctx))
+        return self._hand_out(parent_inode, name, entry)
 
     @_errors_to_errno
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return _fill(self.volume.mkdir(parent_inode, os.fsdecode(name), mode, self._caller(ctx)))
+        entry = self.volume.mkdir(parent_inode, os.fsdecode(name), mode, self._caller(ctx))
+        return self._hand_out(parent_inode, name, entry)
 
     @_errors_to_errno
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return _fill(
-            self.volume.symlink(parent_inode, os.fsdecode(name), target, self._caller(ctx))
-        )
+        entry = self.volume.symlink(parent_inode, os.fsdecode(name), target, self._caller(ctx))
+        return self._hand_out(parent_inode, name, entry)
 
     @_errors_to_errno
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return _fill(
-            self.volume.link(inode, new_parent_inode, os.fsdecode(new_name), self._caller(ctx))
-        )
+        entry = self.volume.link(inode, new_parent_inode, os.fsdecode(new_name), self._caller(ctx))
+        return self._hand_out(new_parent_inode, new_name, entry)
 
     @_errors_to_errno
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -329,7 +360,9 @@ class IsoFS(pyfuse3.Operations):
     @_errors_to_errno
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         self._admit(ctx)
-        return self.volume.opendir(inode, self._caller(ctx))
+        fh = self.volume.opendir(inode, self._caller(ctx))
+        self._directories[fh] = inode
+        return fh
 
     @_errors_to_errno
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -340,14 +373,17 @@ class IsoFS(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, os.fsencode(name), dot, next_id):
                     break
                 continue
-            if pyfuse3.readdir_reply(token, os.fsencode(name), _fill(entry), next_id):
+            encoded = os.fsencode(name)
+            if pyfuse3.readdir_reply(token, encoded, _fill(entry), next_id):
                 self.volume.confirm(entry)
+                self.entries.handed_out(self._directories[fh], encoded, entry.nodeid)
             else:
                 self.volume.discard(entry)
                 break
 
     @_errors_to_errno
     async def releasedir(self, fh: int) -> None:
+        self._directories.pop(fh, None)
         self.volume.releasedir(fh)
 
     @_errors_to_errno
@@ -370,7 +406,7 @@ class IsoFS(pyfuse3.Operations):
             parent_inode, os.fsdecode(name), mode, flags, self._caller(ctx)
         )
         info = pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
-        return info, _fill(entry)
+        return info, self._hand_out(parent_inode, name, entry)
 
     @_errors_to_errno
     async def read(self, fh: int, off: int, size: int) -> bytes:
