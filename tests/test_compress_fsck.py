@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from compress_support import source_like
 
 from isofs import maintenance
 from isofs.cli.passphrases import InteractiveSecrets
@@ -29,8 +30,7 @@ from isofs_providers.compress.file import CompressedFile
 
 F = 64 << 10
 STAMP = "20240102T030405Z"
-ROOT = Path(__file__).resolve().parent.parent
-_CORPUS = b"".join(p.read_bytes() for p in sorted((ROOT / "isofs").rglob("*.py")))
+_CORPUS = source_like(2 << 20)
 
 
 def text(length: int, seed: int = 0) -> bytes:

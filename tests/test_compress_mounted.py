@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from compress_support import source_like
 from conftest import Mount, MountManager, fuse_unavailable, run_isofs, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,8 +37,7 @@ pytestmark = [
 ]
 
 F = 64 << 10
-ROOT = Path(__file__).resolve().parent.parent
-_CORPUS = b"".join(p.read_bytes() for p in sorted((ROOT / "isofs").rglob("*.py")))
+_CORPUS = source_like(2 << 20)
 SCRYPT_N = "16384"
 MASTER_KEY = "00112233445566778899aabbccddeeff" * 2
 
