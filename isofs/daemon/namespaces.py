@@ -63,9 +63,15 @@ class IsofsMount:
     control: str
 
 
-def isofs_mounts() -> list[IsofsMount]:
-    """The isofs mounts this process sees whose daemons left a record (deepest first)."""
-    mounted = {e.mountpoint for e in mount_table() if e.fstype == MOUNT_TYPE}
+def _mounted_isofs() -> list[str]:
+    """Mount points of every isofs mount this process sees, live or not."""
+    return [e.mountpoint for e in mount_table() if e.fstype == MOUNT_TYPE]
+
+
+def isofs_mounts(mounted: list[str] | None = None) -> list[IsofsMount]:
+    """The isofs mounts this process sees (or among `mounted`) whose daemons left a record,
+    deepest first."""
+    mounted_set = set(_mounted_isofs() if mounted is None else mounted)
     found: dict[str, IsofsMount] = {}
     bases = {Path("/run/isofs")}
     with contextlib.suppress(OSError):
@@ -79,7 +85,7 @@ def isofs_mounts() -> list[IsofsMount]:
                 )
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if mount.mountpoint in mounted and runtime.pid_alive(mount.pid):
+            if mount.mountpoint in mounted_set and runtime.pid_alive(mount.pid):
                 found[mount.mountpoint] = mount
     return sorted(found.values(), key=lambda m: m.mountpoint.count("/"), reverse=True)
 
@@ -131,12 +137,12 @@ def enter_native_view() -> list[str]:
     """Make every isofs mount point show its source directory in a new private namespace;
     returns the mount points changed. The working directory is looked up again after."""
     cwd = _cwd()
-    mounts = isofs_mounts()
+    mounted = _mounted_isofs()
+    mounts = isofs_mounts(mounted)
     live = {m.mountpoint for m in mounts}
     # A mount whose daemon is gone answers ENOTCONN; with no record its source is unknown,
     # so it is only detached (an in-place mount's source then shows again).
-    dead = [e.mountpoint for e in mount_table()
-            if e.fstype == MOUNT_TYPE and e.mountpoint not in live]  # fmt: skip
+    dead = [mountpoint for mountpoint in mounted if mountpoint not in live]
     private_namespace()
     for mountpoint in dead:
         with contextlib.suppress(NamespaceError):
