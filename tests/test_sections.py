@@ -310,6 +310,42 @@ async def test_many_small_writes_under_pressure(fx: Fixture) -> None:
     assert decode(fx.path) == model
 
 
+async def test_small_random_reads_read_only_their_bytes_and_runs_load_pages(
+    fx: Fixture,
+) -> None:
+    s = fx.section
+    data = pattern(3 * P, 11)
+    await s.write(0, data)
+    await s.flush()
+    fx.cache.drop(s.id)
+    # not where the last read ended, smaller than a page: straight from the provider
+    for offset in (2 * P + 100, 5000, P + 7, 2 * P + 100):
+        assert await s.read(offset, 4096) == data[offset : offset + 4096]
+    assert fx.cache.statistics().pages == 0
+    # the read that continues the last one starts a sequential run: whole pages, cached
+    assert await s.read(2 * P + 4196, 4096) == data[2 * P + 4196 : 2 * P + 8292]
+    assert fx.cache.peek(s.id, 2) is not None
+    # a cached page serves a random read too
+    hits = fx.cache.statistics().hits
+    assert await s.read(2 * P + 10, 100) == data[2 * P + 10 : 2 * P + 110]
+    assert fx.cache.statistics().hits == hits + 1
+    # a dirty page is always read from the cache, never from the provider's older bytes
+    await s.write(P + 50, b"new")
+    assert await s.read(P + 40, 20) == data[P + 40 : P + 50] + b"new" + data[P + 53 : P + 60]
+
+
+async def test_a_small_file_keeps_no_pages_once_unused(fx: Fixture) -> None:
+    s = fx.section
+    await s.write(0, b"small")
+    assert fx.cache.peek(s.id, 0) is not None
+    await s.flush()
+    s.detach()
+    assert not s.attached
+    assert fx.cache.statistics().pages == 0
+    s.attach(os.open(fx.path, os.O_RDWR))
+    assert await s.read(0, 100) == b"small"
+
+
 async def test_reads_evict_clean_pages_oldest_first(fx: Fixture) -> None:
     s = fx.section
     data = pattern(8 * P, 10)

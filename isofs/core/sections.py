@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import TypeVar
 
 import trio
@@ -75,6 +74,9 @@ class NativeFile:
 #: (a truncate that zero-fills, a large write-back) is worth keeping off the event loop.
 INLINE_LIMIT = 4 << 20
 
+#: A file no larger than this fraction of a page keeps no pages once nothing uses it.
+SMALL_FILE_PAGE_FRACTION = 8
+
 
 async def blocking(
     function: Callable[..., T], *args: object, size: int = 0, io_bound: bool = False
@@ -84,6 +86,30 @@ async def blocking(
     if size <= INLINE_LIMIT and not io_bound:
         return function(*args)
     return await trio.to_thread.run_sync(function, *args)
+
+
+class _Hold:
+    """`async with` a section's lock, exclusive or shared; uncontended it costs no trip
+    through the scheduler and no async generator (the lock's own context managers always
+    checkpoint, ~4 us each; an @asynccontextmanager costs trio's async-generator hooks, and a
+    request takes the lock several times). Stateless, so one per mode serves every task."""
+
+    __slots__ = ("_exclusive", "_lock")
+
+    def __init__(self, lock: ResourceLock, exclusive: bool) -> None:
+        self._lock = lock
+        self._exclusive = exclusive
+
+    async def __aenter__(self) -> None:
+        lock = self._lock
+        if self._exclusive:
+            if not lock.try_acquire_exclusive():
+                await lock.acquire_exclusive()
+        elif not lock.try_acquire_shared():
+            await lock.acquire_shared()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()
 
 
 class Section:
@@ -114,6 +140,8 @@ class Section:
         #: Told whenever this section changed the native file (coherence with other views).
         self.on_write_back = on_write_back
         self.lock = ResourceLock()
+        self._exclusive = _Hold(self.lock, exclusive=True)
+        self._shared = _Hold(self.lock, exclusive=False)
         self.upper: RandomAccessFile = self.lower
         self.formatted = False
         self.size = self.stored_size = 0
@@ -126,6 +154,10 @@ class Section:
         #: The upper file was written or truncated since its last flush: a layer may hold
         #: state (an index, a table at the end of the file) that only its flush() writes.
         self._upper_pending = False
+        #: Where the last read ended: a read starting there continues a sequential run.
+        self._read_end = 0
+        #: The smallest span the stack reads and verifies (an AES-GCM block, a zstd frame).
+        self._block = max(1, stack.block_size)
 
     def native_path(self) -> str | None:
         """Where the native file is now (None when idle), worked out only when asked: a
@@ -142,29 +174,6 @@ class Section:
         """The file and view, for log lines."""
         return f"{self.native_path() or 'idle'} ({self.view} view)"
 
-    @asynccontextmanager
-    async def _exclusive(self) -> AsyncIterator[None]:
-        """The lock, exclusive; uncontended it costs no trip through the scheduler.
-
-        (The lock's own context managers always checkpoint, ~4 us each, and a request takes
-        it several times.)
-        """
-        if not self.lock.try_acquire_exclusive():
-            await self.lock.acquire_exclusive()
-        try:
-            yield
-        finally:
-            self.lock.release()
-
-    @asynccontextmanager
-    async def _shared(self) -> AsyncIterator[None]:
-        if not self.lock.try_acquire_shared():
-            await self.lock.acquire_shared()
-        try:
-            yield
-        finally:
-            self.lock.release()
-
     async def _call(self, function: Callable[..., T], *args: object, size: int = 0) -> T:
         """A provider call, placed by `blocking` (the stack says whether it may block)."""
         return await blocking(function, *args, size=size, io_bound=self.stack.io_bound)
@@ -172,7 +181,7 @@ class Section:
     async def load(self) -> None:
         """Open the upper file (reads the header; in a worker thread only for io-bound
         stacks)."""
-        async with self._exclusive():
+        async with self._exclusive:
             await self._reload_if_stale()
 
     async def ensure_formatted(self) -> None:
@@ -182,7 +191,7 @@ class Section:
         """
         if self.formatted:
             return
-        async with self._exclusive():
+        async with self._exclusive:
             await self._reload_if_stale()
             if self.formatted or self.stored_size != 0 or self.has_dirty_pages:
                 return
@@ -199,9 +208,9 @@ class Section:
     async def read(self, offset: int, size: int) -> bytes:
         while True:
             if self.stale:
-                async with self._exclusive():
+                async with self._exclusive:
                     await self._reload_if_stale()
-            async with self._shared():
+            async with self._shared:
                 # Marked stale while this task waited (a native write that went before it in
                 # the queue changed the file right after its release): reload again first.
                 if not self.stale:
@@ -213,6 +222,11 @@ class Section:
         pyfuse3 replies from any buffer before another task runs, so a view of a page, or of
         what the provider just returned, is safe to hand back: a cold 1 MiB read then costs
         one copy (into the cache) instead of two.
+
+        A small read that misses, does not continue the previous read and needs fewer blocks
+        than a page holds is a random read: it gets only its own blocks from the provider,
+        uncached (a 4 KiB read of an encrypted file then decrypts one block, not sixteen).
+        Sequential runs, and reads as large as a page, load and keep whole pages.
         """
         end = min(offset + size, self.size)
         if offset >= end:
@@ -220,6 +234,12 @@ class Section:
         page_size = self.page_size
         first, last = offset // page_size, (end - 1) // page_size
         base = first * page_size
+        sequential, self._read_end = offset == self._read_end, end
+        if first == last and not sequential and self._blocks_span(offset, end) < page_size:
+            page = self.cache.get(self.id, first)
+            if page is not None:
+                return memoryview(page)[offset - base : end - base]
+            return await self._read_uncached(offset, end - offset)
         pages, fresh = await self._pages(first, last)
         if fresh is not None and len(fresh) >= end - base:
             return memoryview(fresh)[offset - base : end - base]
@@ -235,6 +255,11 @@ class Section:
             else:
                 pieces.append(memoryview(page)[lo - base : hi - base])
         return b"".join(pieces)
+
+    def _blocks_span(self, offset: int, end: int) -> int:
+        """Bytes the stack must read and verify to return offset..end."""
+        block = self._block
+        return -(-end // block) * block - offset // block * block
 
     async def _pages(
         self, first: int, last: int
@@ -321,7 +346,7 @@ class Section:
         at once spreads the provider work over the requests (and, where the stack allows it,
         over both cores) instead of piling up dirty pages for one long write-back.
         """
-        async with self._exclusive():
+        async with self._exclusive:
             await self._reload_if_stale()
             page = self.page_size
             end = offset + len(data)
@@ -381,7 +406,7 @@ class Section:
         self.size = max(self.size, end)
 
     async def truncate(self, new_size: int) -> None:
-        async with self._exclusive():
+        async with self._exclusive:
             await self._reload_if_stale()
             await self._truncate_locked(new_size)
 
@@ -423,7 +448,7 @@ class Section:
         """
         if not self.dirty and not self.lock.in_use:
             return False
-        async with self._exclusive():
+        async with self._exclusive:
             await self._reload_if_stale()
             return await self._write_back_locked()
 
@@ -532,10 +557,17 @@ class Section:
         A section per file ever opened would otherwise hold a descriptor per file (10,000
         created files: 10,000 descriptors). The validators decide at the next attach whether
         the pages still describe the file.
+
+        A small file's pages go too: its one page is mostly padding (a 64 KiB page for a
+        4 KiB file), the kernel keeps its own copy, and reading it again costs one small
+        provider read. Kept, 4,096 small files would fill a 256 MiB cache, and every new
+        file's page would be fresh memory the kernel must fault in (~45 us a page here).
         """
         if self.attached and not self.handles and not self.dirty and not self.lock.in_use:
             os.close(self.native_fd)
             self.native_fd = -1
+            if self.size <= self.page_size // SMALL_FILE_PAGE_FRACTION:
+                self.cache.drop(self.id)
 
     def attach(self, fd: int) -> None:
         """Take a fresh read-write descriptor on the file; the next use validates the pages."""
