@@ -153,3 +153,29 @@ def test_failed_rename_to_a_new_long_name_leaves_no_sidecar(names, monkeypatch):
     with pytest.raises(OSError):
         names.vol.rename(ROOT, "moving", ROOT, LONG, 0, TARGET)
     assert sorted(os.listdir(names.src)) == before
+
+
+def test_a_miss_then_a_create_encrypts_the_name_once_and_decrypts_nothing(names, monkeypatch):
+    transform = names.vol.names.transform
+    calls = {"to_native": 0, "to_view": 0}
+    for method in calls:
+        original = getattr(transform, method)
+
+        def counted(*args, _original=original, _method=method):
+            calls[_method] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(transform, method, counted)
+    parent = names.mkdir("d")
+    calls.update(to_native=0, to_view=0)
+    with pytest.raises(FileNotFoundError):
+        names.vol.lookup(parent, "new-file", TARGET)
+    assert calls == {"to_native": 1, "to_view": 0}
+    entry = names.vol.mknod(parent, "new-file", 0o100644, 0, TARGET)
+    assert calls["to_native"] == 1
+    # the file is found under its view name, and its native name is the encrypted one
+    assert names.vol.lookup(parent, "new-file", TARGET).nodeid == entry.nodeid
+    assert "new-file" not in os.listdir(names.stored(parent))
+    # a plain native file of that name (made behind the mount) is still shown as itself
+    (names.stored(parent) / "plain").write_bytes(b"")
+    assert names.vol.lookup(parent, "plain", TARGET).attr.size == 0

@@ -21,6 +21,9 @@ from isofs.provider import CorruptData, NameTransform
 
 log = logging.getLogger(__name__)
 
+#: How many recent name encryptions `ViewNames` remembers (cleared when full).
+RECENT_NATIVE_NAMES = 1024
+
 
 def _read_small(dir_fd: int, name: str) -> bytes:
     """A key file or sidecar: the daemon's own read, so the file's atime stays as it was."""
@@ -62,6 +65,18 @@ class ViewNames:
     def __init__(self, transform: NameTransform) -> None:
         self.transform = transform
         self._keys: dict[int, bytes] = {}
+        #: Recent (directory key, view name) -> transform.to_native: a create follows the
+        #: lookup that missed the same name, and deterministic encryption gives the same answer.
+        self._recent_native: dict[tuple[bytes, str], tuple[str, bytes | None]] = {}
+
+    def _to_native(self, key: bytes, name: str) -> tuple[str, bytes | None]:
+        found = self._recent_native.get((key, name))
+        if found is None:
+            found = self.transform.to_native(key, name)
+            if len(self._recent_native) >= RECENT_NATIVE_NAMES:
+                self._recent_native.clear()
+            self._recent_native[(key, name)] = found
+        return found
 
     # ------------------------------------------------------------------- keys
 
@@ -100,7 +115,7 @@ class ViewNames:
         if key is None:
             return [name]
         try:
-            native, _ = self.transform.to_native(key, name)
+            native, _ = self._to_native(key, name)
         except ValueError:
             raise OSError(errno.ENAMETOOLONG, name) from None
         return [native, name]
@@ -115,12 +130,13 @@ class ViewNames:
         """The native name of an existing entry and its lstat (so the caller need not stat
         it again), or FileNotFoundError."""
         for native in self.candidates(dir_number, dir_fd, name):
-            if native == name and not self._is_plain(dir_number, dir_fd, name):
-                continue  # a transformed name: its view name is another one
-            try:
-                return native, os.stat(native, dir_fd=dir_fd, follow_symlinks=False)
+            try:  # the stat first: a miss (every create's lookup) then decrypts nothing
+                st = os.stat(native, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
+            if native == name and not self._is_plain(dir_number, dir_fd, name):
+                continue  # a transformed name: its view name is another one
+            return native, st
         raise FileNotFoundError(errno.ENOENT, name)
 
     def _is_plain(self, dir_number: int, dir_fd: int, native: str) -> bool:
@@ -222,7 +238,7 @@ class ViewNames:
         key = self.dir_key(dir_number, dir_fd, create=True)
         assert key is not None
         try:
-            native, sidecar = self.transform.to_native(key, name)
+            native, sidecar = self._to_native(key, name)
         except ValueError:
             raise OSError(errno.ENAMETOOLONG, name) from None
         sidecar_name = self.transform.sidecar_name(native)
