@@ -318,12 +318,24 @@ async def test_small_random_reads_read_only_their_bytes_and_runs_load_pages(
     await s.write(0, data)
     await s.flush()
     fx.cache.drop(s.id)
-    # not where the last read ended, smaller than a page: straight from the provider
-    for offset in (2 * P + 100, 5000, P + 7, 2 * P + 100):
+    # not where the last read ended, smaller than a page, each the first in its page:
+    # straight from the provider
+    for offset in (2 * P + 100, 5000, P + 7):
         assert await s.read(offset, 4096) == data[offset : offset + 4096]
     assert fx.cache.statistics().pages == 0
+    # a third random miss in a page: the reads come back there, the page is loaded
+    assert await s.read(P + 20000, 4096) == data[P + 20000 : P + 24096]
+    assert fx.cache.peek(s.id, 1) is None
+    assert await s.read(P + 9000, 4096) == data[P + 9000 : P + 13096]
+    assert fx.cache.peek(s.id, 1) is not None
+    assert fx.cache.peek(s.id, 2) is None
     # the read that continues the last one starts a sequential run: whole pages, cached
+    assert await s.read(P + 13096, 4096) == data[P + 13096 : P + 17192]
+    assert fx.cache.peek(s.id, 2) is None
+    # page 2's third random miss (its first was the very first read) loads it too
     assert await s.read(2 * P + 4196, 4096) == data[2 * P + 4196 : 2 * P + 8292]
+    assert fx.cache.peek(s.id, 2) is None
+    assert await s.read(2 * P + 30000, 4096) == data[2 * P + 30000 : 2 * P + 34096]
     assert fx.cache.peek(s.id, 2) is not None
     # a cached page serves a random read too
     hits = fx.cache.statistics().hits
