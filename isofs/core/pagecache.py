@@ -83,6 +83,10 @@ class PageCache:
             self._evict()
         return page
 
+    def count_miss(self) -> None:
+        """A read found no page and was served without loading one (sections' random reads)."""
+        self.misses += 1
+
     def peek(self, section: int, index: int) -> bytearray | None:
         """A page without counting a hit or touching the LRU (for internal edits)."""
         return self._pages.get((section, index))

@@ -246,18 +246,21 @@ class Section:
         first, last = offset // page_size, (end - 1) // page_size
         base = first * page_size
         sequential, self._read_end = offset == self._read_end, end
-        if first == last and not sequential and self._blocks_span(offset, end) < page_size:
-            page = self.cache.get(self.id, first)
-            if page is not None:
-                return memoryview(page)[offset - base : end - base]
+        if (
+            first == last
+            and not sequential
+            and self._blocks_span(offset, end) < page_size
+            and self.cache.peek(self.id, first) is None
+        ):
             misses = self._probed.get(first, 0)
             if misses < RANDOM_MISSES_BEFORE_PAGE:  # its blocks only
                 if len(self._probed) >= MAX_PROBED_PAGES:
                     self._probed.clear()
                 self._probed[first] = misses + 1
+                self.cache.count_miss()
                 return await self._read_uncached(offset, end - offset)
             del self._probed[first]  # reads keep coming back here: load and keep the page
-        pages, fresh = await self._pages(first, last)
+        pages, fresh = await self._pages(first, last)  # a cached page: its hit counted here
         if fresh is not None and len(fresh) >= end - base:
             return memoryview(fresh)[offset - base : end - base]
         if first == last and pages[0] is not None:
