@@ -12,8 +12,9 @@ the FUSE layer, pyfuse3's request loop and trio's scheduling. py-spy stops the d
 each sample (blocking mode, so stacks are whole), which slows it down: compare shares and
 sample counts between runs of this script, not its times with other benchmarks.
 
-Usage (root): python bench/profile.py [--provider passthrough|encrypt] [--workload create|untar]
-              [--files 5000] [--tarball FILE] [--raw OUT.txt] [--workdir DIR]
+Usage (root): python bench/daemon_profile.py [--provider passthrough|encrypt]
+              [--workload create|untar] [--files 5000] [--tarball FILE] [--raw OUT.txt]
+              [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from isofs.mountinfo import mount_table
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from daemon_cpu import daemon_pid
+from requests import Contender, _isofs_mount, contender_mount
+
+#: The mount options of the profiled mount: one view, every process the target view.
+ONE_VIEW = ("--default-view", "target", "--no-exec")
 
 PY = sys.executable
-PASS = b"profile passphrase\n"
 CREATE = """
 import os, sys
 d = os.path.join(sys.argv[1], "d"); os.mkdir(d)
@@ -85,12 +90,6 @@ def components(raw: Path) -> tuple[int, int, collections.Counter[str]]:
     return busy, idle, shares
 
 
-def daemon_pid(mnt: Path) -> int:
-    pattern = f"--foreground.* {mnt}$"
-    out = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True)
-    return int(out.stdout.split()[0])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--provider", choices=("passthrough", "encrypt"), default="passthrough")
@@ -106,49 +105,37 @@ def main() -> int:
     if not Path(args.py_spy).exists() and shutil.which(args.py_spy) is None:
         print(f"profile: py-spy not found ({args.py_spy}): pip install py-spy", file=sys.stderr)
         return 2
+    contender = Contender(args.provider, _isofs_mount(args.provider, *ONE_VIEW))
     work = Path(tempfile.mkdtemp(prefix="isofs-profile-", dir=args.workdir))
-    src, mnt, passfile = work / "src", work / "mnt", work / "pass"
-    src.mkdir()
-    mnt.mkdir()
-    passfile.write_bytes(PASS)
-    isofs = [PY, "-m", "isofs"]
-    init = [*isofs, "init", str(src), "--provider", args.provider]
-    mount = [*isofs, "mount", str(src), str(mnt), "--default-view", "target", "--no-exec"]
-    if args.provider == "encrypt":
-        init += ["--encrypt-names", "--scrypt-n", "16384", "--passfile", str(passfile)]
-        mount += ["--passfile", str(passfile)]
     raw = args.raw or work / "raw.txt"
     try:
-        subprocess.run(init, check=True, capture_output=True)
-        subprocess.run(mount, check=True, capture_output=True)
-        spy = subprocess.Popen([args.py_spy, "record", "-p", str(daemon_pid(mnt)), "--rate",
-                                str(args.rate), "--format", "raw", "-o", str(raw)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        try:
-            time.sleep(1.5)  # py-spy attached
-            started = time.perf_counter()
-            if args.workload == "create":
-                subprocess.run([PY, "-c", CREATE, str(mnt), str(args.files)], check=True)
-            else:
-                tarball = args.tarball or work / "tree.tar"
-                if args.tarball is None:
-                    stdlib = Path(os.__file__).parent
-                    subprocess.run(["tar", "-cf", str(tarball), "--exclude=__pycache__",
-                                    "--exclude=site-packages", "--exclude=test", "-C", str(stdlib),
-                                    "."], check=True)  # fmt: skip
-                subprocess.run(["tar", "-xf", str(tarball), "-C", str(mnt)], check=True)
-            took = time.perf_counter() - started
-        finally:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(timeout=60)
+        with contender_mount(contender, work) as mnt:
+            record = [args.py_spy, "record", "-p", str(daemon_pid(mnt)), "--rate",
+                      str(args.rate), "--format", "raw", "-o", str(raw)]  # fmt: skip
+            spy = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                time.sleep(1.5)  # py-spy attached
+                started = time.perf_counter()
+                if args.workload == "create":
+                    subprocess.run([PY, "-c", CREATE, str(mnt), str(args.files)], check=True)
+                else:
+                    tarball = args.tarball or work / "tree.tar"
+                    if args.tarball is None:
+                        stdlib = Path(os.__file__).parent
+                        subprocess.run(["tar", "-cf", str(tarball), "--exclude=__pycache__",
+                                        "--exclude=site-packages", "--exclude=test", "-C",
+                                        str(stdlib), "."], check=True)  # fmt: skip
+                    subprocess.run(["tar", "-xf", str(tarball), "-C", str(mnt)], check=True)
+                took = time.perf_counter() - started
+            finally:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(timeout=60)
         if not raw.exists():
             print(f"profile: py-spy wrote no samples (exit {spy.returncode})", file=sys.stderr)
             return 1
         busy, idle, shares = components(raw)
     finally:
-        subprocess.run([*isofs, "umount", str(mnt)], capture_output=True)
-        if not any(entry.mountpoint == str(mnt) for entry in mount_table()):
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     print(f"{args.provider}, {args.workload}: {took:.2f} s under py-spy ({args.rate} Hz); daemon "
           f"main thread {busy} busy samples, {idle} idle")  # fmt: skip
     for name, count in shares.most_common():

@@ -122,7 +122,7 @@ async def op_unlink(ops: Any, parent: int, n: int) -> None:
         await ops.unlink(parent, b"f%05d" % i, CTX)
 
 
-async def op_read(ops: Any, parent: int, n: int, fh: int) -> None:
+async def op_read(ops: Any, n: int, fh: int) -> None:
     rng = random.Random(1)
     for _ in range(n):
         await ops.read(fh, rng.randrange(BIG // 4096) * 4096, 4096)
@@ -169,32 +169,31 @@ async def run_contender(
         parent = directory.st_ino
         read_fh = -1
 
-        async def read() -> None:
+        async def open_big_file() -> None:
             nonlocal read_fh
             read_fh = await prepare_read(ops, parent)
-            os.sync()  # the writes' journal commits must not land in the timed reads
-            started = time.perf_counter()
-            await op_read(ops, parent, n, read_fh)
-            return time.perf_counter() - started
 
-        steps: list[tuple[str, Callable[[], Awaitable[float | None]]]] = [
-            ("create", lambda: op_create(ops, parent, n)),
-            ("stat", lambda: op_stat(ops, parent, n)),
-            ("unlink", lambda: op_unlink(ops, parent, n)),
-            ("read", read),
+        # (operation, untimed preparation, the timed work)
+        steps: list[tuple[str, Callable[[], Awaitable[None]] | None, Callable[[], Awaitable[None]]]]
+        steps = [
+            ("create", None, lambda: op_create(ops, parent, n)),
+            ("stat", None, lambda: op_stat(ops, parent, n)),
+            ("unlink", None, lambda: op_unlink(ops, parent, n)),
+            ("read", open_big_file, lambda: op_read(ops, n, read_fh)),
         ]
-        for op, step in steps:
-            os.sync()
+        for op, prepare, step in steps:
+            if prepare is not None:
+                await prepare()
+            os.sync()  # earlier writes' journal commits must not land in the timed work
             counters = _request_times(ops)
             profiler = cProfile.Profile() if profile == f"{op}:{name}" else None
             started = time.perf_counter()
             if profiler:
                 profiler.enable()
-            timed = await step()
+            await step()
             if profiler:
                 profiler.disable()
-            elapsed = time.perf_counter() - started if timed is None else timed
-            results[op] = elapsed / n * 1e6
+            results[op] = (time.perf_counter() - started) / n * 1e6
             breakdown[op] = _per_request(counters, _request_times(ops), n)
             if profiler:
                 profiler.dump_stats(f"{op}-{name}.prof")
