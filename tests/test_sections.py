@@ -75,6 +75,15 @@ class Fixture:
     def _wrote(self) -> None:
         self.write_backs += 1
 
+    async def stored(self, size: int, seed: int) -> bytes:
+        """Write `size` pattern bytes from offset 0 and write them back, with no page left
+        cached: the next reads come from the provider. Returns the bytes."""
+        data = pattern(size, seed)
+        await self.section.write(0, data)
+        await self.section.flush()
+        self.cache.drop(self.section.id)
+        return data
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -314,10 +323,7 @@ async def test_small_random_reads_read_only_their_bytes_and_runs_load_pages(
     fx: Fixture,
 ) -> None:
     s = fx.section
-    data = pattern(3 * P, 11)
-    await s.write(0, data)
-    await s.flush()
-    fx.cache.drop(s.id)
+    data = await fx.stored(3 * P, 11)
     # not where the last read ended, smaller than a page, each the first in its page:
     # straight from the provider
     for offset in (2 * P + 100, 5000, P + 7):
@@ -360,10 +366,7 @@ async def test_a_small_file_keeps_no_pages_once_unused(fx: Fixture) -> None:
 
 async def test_reads_evict_clean_pages_oldest_first(fx: Fixture) -> None:
     s = fx.section
-    data = pattern(8 * P, 10)
-    await s.write(0, data)
-    await s.flush()
-    fx.cache.drop(s.id)
+    data = await fx.stored(8 * P, 10)
     for i in range(8):
         assert await s.read(i * P, P) == data[i * P : (i + 1) * P]
     stats = fx.cache.statistics()
@@ -377,10 +380,7 @@ async def test_write_larger_than_budget_keeps_old_bytes_of_partial_last_page(
     fx: Fixture,
 ) -> None:
     s = fx.section
-    old = pattern(6 * P, 11)
-    await s.write(0, old)
-    await s.flush()
-    fx.cache.drop(s.id)
+    old = await fx.stored(6 * P, 11)
     # Aligned start, unaligned end: pages 0..4, the last one only half overwritten.
     new = pattern(4 * P + P // 2, 12)
     await s.write(0, new)
@@ -393,10 +393,7 @@ async def test_write_larger_than_budget_keeps_old_bytes_of_partial_last_page(
 
 async def test_write_with_two_edges_in_a_cache_full_of_dirty_pages(fx: Fixture) -> None:
     s = fx.section
-    old = pattern(3 * P, 13)
-    await s.write(0, old)
-    await s.flush()
-    fx.cache.drop(s.id)
+    old = await fx.stored(3 * P, 13)
     # Another section's pending pages fill three quarters of the cache.
     other = 99
     for i in range(3):
