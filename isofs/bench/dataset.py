@@ -111,13 +111,9 @@ def plan(count: int) -> list[tuple[str, int, bool]]:
     return out
 
 
-def build(root: str, count: int, progress: object = None, link_root: str | None = None) -> Tree:
-    """Write the tree under `root` (a mounted target view); `progress.update(1)` per file.
-
-    Hard links are made under `link_root` when given (the native source, once unmounted): a
-    link is a name, the same on disk whichever way it is made, and isofs' link() in a
-    transformed view currently fails (EIO) when the file's size is not in the size cache yet.
-    """
+def build(root: str, count: int, progress: object = None) -> Tree:
+    """Write the tree, hard links included, under `root` (a mounted target view);
+    `progress.update(1)` per file."""
     rng = random.Random(SEED)
     pool = _text_pool(rng)
     noise = rng.randbytes(1 << 20)
@@ -141,8 +137,7 @@ def build(root: str, count: int, progress: object = None, link_root: str | None 
     linked = rng.sample(range(len(planned)), k=int(len(planned) * LINK_SHARE))
     for index in linked:
         tree.links[f"{LINK_DIR}/link-{index:07d}"] = planned[index][0]
-    if link_root is None:
-        make_links(tree, root)
+    make_links(tree, root)
     return tree
 
 
