@@ -6,7 +6,8 @@ library) and a binary mix (shared libraries, executables and already-compressed 
 this machine), copied to a scratch directory first, plus a 256 MiB compressible file for
 4 KiB random reads and a 100 MiB one for 4 KiB random writes + fsync. Contenders: the scratch
 directory itself (ext4, the reference for speeds), btrfs mounted `compress=zstd:3` on a loop
-device, an isofs compress mount and an isofs passthrough mount (one-view target mounts), and
+device, an isofs compress mount and an isofs passthrough mount (one-view target mounts), the
+minimal pyfuse3 passthrough (the floor of any pyfuse3 daemon), and
 the `zstd` CLI at level 3 (file by file, and `-T2` over one tar). The order is rotated
 between repetitions and medians are reported; everything read back is checked against the
 source (untimed). It is a benchmark: nothing here asserts on timings.
@@ -129,8 +130,12 @@ ROWS: list[Row] = [
 ROW_BY_NAME = {r.name: r for r in ROWS}
 
 #: Columns in table order. "zstd" is the CLI file by file, "zstd-T2" one tar through -T2.
-COLUMNS = ["native", "btrfs", "isofs-compress", "isofs-passthrough", "zstd", "zstd-T2"]
-RATIO_COLUMNS = [("isofs-compress", "btrfs"), ("isofs-compress", "isofs-passthrough")]
+COLUMNS = ["native", "btrfs", "isofs-compress", "isofs-passthrough", "minimal", "zstd", "zstd-T2"]
+#: (a, b): a's figure over b's. minimal/btrfs is the floor a pyfuse3 daemon stands on: shown
+#: on the rows that measure speed (the minimal stores the bytes as they come).
+RATIO_COLUMNS = [("isofs-compress", "btrfs"), ("isofs-compress", "isofs-passthrough"),
+                 ("minimal", "btrfs")]
+SPEED_ONLY_RATIOS = {("minimal", "btrfs")}
 #: The issue's targets: row -> (contender compared with, lowest acceptable ratio).
 TARGETS: dict[str, tuple[str, float]] = {
     **{f"{k}-ratio-{w}": ("btrfs", 1.0) for k, *_ in DATASETS for w in ("alloc", "apparent")},
@@ -589,6 +594,19 @@ class Isofs(Contender):
         return p.returncode == 0 and h.digest() == digest
 
 
+class MinimalPassthrough(Isofs):
+    """The minimal pyfuse3 passthrough (bench/run.py's, the fair baseline `isofs bench` uses):
+    what any pyfuse3 daemon pays per request, the floor under isofs' rows against btrfs."""
+
+    def layer_stats(self) -> dict[str, Any]:
+        return {}
+
+    def written(self) -> dict[str, int]:
+        proc = self.cli.proc
+        daemon = io_write_bytes(proc.pid) if proc is not None else None
+        return {} if daemon is None else {"daemon": daemon}
+
+
 class ZstdCli(Contender):
     """The zstd command line at the same level: file by file (`zstd -3 -r`), and one tar
     through `zstd -3 -T2`. It fills the "zstd" and "zstd-T2" columns."""
@@ -900,7 +918,8 @@ def render_table(medians: dict[str, dict[str, float]]) -> str:
         if all(v is None for v in values):
             continue
         cell = {n: medians.get(n, {}).get(row.name) for n in COLUMNS}
-        ratios = [suite.speed_ratio(row, cell[a], cell[b]) for a, b in pairs]
+        ratios = [None if (a, b) in SPEED_ONLY_RATIOS and row.unit == "x"
+                  else suite.speed_ratio(row, cell[a], cell[b]) for a, b in pairs]
         target, met = "", ""
         if row.name in TARGETS:
             base, threshold = TARGETS[row.name]
@@ -943,7 +962,7 @@ tar + zstd; decompress row: zstd -d to /dev/null)."""
 # --------------------------------------------------------------------------------------
 
 
-CONTENDER_NAMES = ["native", "btrfs", "isofs-compress", "isofs-passthrough", "zstd"]
+CONTENDER_NAMES = ["native", "btrfs", "isofs-compress", "isofs-passthrough", "minimal", "zstd"]
 
 
 def make_contender(name: str, work: Path, sizes: Sizes) -> Contender:
@@ -955,6 +974,8 @@ def make_contender(name: str, work: Path, sizes: Sizes) -> Contender:
         return Isofs(work, IsofsCompressCli)
     if name == "isofs-passthrough":
         return Isofs(work, IsofsPassthroughCli)
+    if name == "minimal":
+        return MinimalPassthrough(work, suite.Minimal)
     return ZstdCli(work)
 
 

@@ -24,7 +24,7 @@ from isofs.mountinfo import mount_table
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "compress.py"
 
-FILESYSTEMS = ["native", "btrfs", "isofs-compress", "isofs-passthrough"]
+FILESYSTEMS = ["native", "btrfs", "isofs-compress", "isofs-passthrough", "minimal"]
 COLUMNS = [*FILESYSTEMS, "zstd", "zstd-T2"]
 DATASET_ROWS = ["ratio-alloc", "ratio-apparent", "write", "read-cold", "read-warm"]
 FS_ROWS = [
@@ -102,17 +102,19 @@ def test_quick_run_reads_back_the_source_everywhere_and_cleans_up(tmp_path: Path
     # isofs compress stores less than the logical bytes; passthrough stores them as they are.
     for ds in ("src", "bin"):
         assert doc["samples"]["isofs-compress"][f"{ds}-ratio-apparent"][0] > 1.0
-        assert doc["samples"]["isofs-passthrough"][f"{ds}-ratio-apparent"][0] == 1.0
+        for plain in ("isofs-passthrough", "minimal"):
+            assert doc["samples"][plain][f"{ds}-ratio-apparent"][0] == 1.0
 
     # The table: one header with every column, the ratio and target columns, every row.
     lines = out.splitlines()
     header = next(line for line in lines if line.split()[:2] == ["row", "unit"])
     assert header.split() == [
-        "row", "unit", *COLUMNS, "|", "compress/btrfs", "compress/passthr", "target", "met"
+        "row", "unit", *COLUMNS, "|", "compress/btrfs", "compress/passthr", "minimal/btrfs",
+        "target", "met",
     ]  # fmt: skip
     for row in [r["name"] for r in doc["rows"]]:
         assert any(line.split()[:1] == [row] for line in lines), row
-    assert "read back equal to the source: 21 of 21 checks" in out
+    assert "read back equal to the source: 25 of 25 checks" in out
     assert "load after the run:" in out
 
     assert left_behind(work) == []
