@@ -26,6 +26,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 if importlib.util.find_spec("isofs") is None:
     sys.path.insert(0, str(BENCH_DIR.parent))
 
+from isofs.provider import MemoryFile  # noqa: E402
 from isofs_providers.compress import CompressLayer  # noqa: E402
 
 MiB = 1 << 20
@@ -36,32 +37,6 @@ COUNTERS = ("lower_bytes_written", "tail_rewrites", "tail_bytes", "local_relayou
             "local_bytes", "in_place_rewrites")
 
 
-class MemoryFile:
-    """A bytearray as the native file (writes past the end zero-fill, as files do)."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def read(self, offset: int, size: int) -> bytes:
-        return bytes(self.data[offset : offset + size])
-
-    def write(self, offset: int, data: bytes) -> int:
-        if offset > len(self.data):
-            self.data.extend(bytes(offset - len(self.data)))
-        self.data[offset : offset + len(data)] = data
-        return len(data)
-
-    def truncate(self, size: int) -> None:
-        if size < len(self.data):
-            del self.data[size:]
-        else:
-            self.data.extend(bytes(size - len(self.data)))
-
-    def size(self) -> int:
-        return len(self.data)
-
-    def flush(self) -> None:
-        pass
 
 
 def load_corpus() -> bytes:

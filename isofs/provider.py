@@ -73,6 +73,50 @@ class RandomAccessFile(Protocol):
         ...
 
 
+class MemoryFile:
+    """A `RandomAccessFile` over a bytearray that records the calls made on it: the lower file
+    a layer is tested (or measured) on without a disk. Writes past the end zero-fill the gap,
+    as files do."""
+
+    def __init__(self, data: bytes | bytearray = b"") -> None:
+        self.data = bytearray(data)
+        self.reads: list[tuple[int, int]] = []
+        self.writes: list[tuple[int, int]] = []
+        self.truncates: list[int] = []
+        self.flushes = 0
+
+    def read(self, offset: int, size: int) -> bytes:
+        self.reads.append((offset, size))
+        return bytes(self.data[offset : offset + size])
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        self.writes.append((offset, len(data)))
+        if offset > len(self.data):
+            self.data.extend(bytes(offset - len(self.data)))
+        self.data[offset : offset + len(data)] = data
+        return len(data)
+
+    def truncate(self, size: int) -> None:
+        self.truncates.append(size)
+        if size < len(self.data):
+            del self.data[size:]
+        else:
+            self.data.extend(bytes(size - len(self.data)))
+
+    def size(self) -> int:
+        return len(self.data)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def reset_log(self) -> None:
+        """Forget the calls recorded so far."""
+        self.reads.clear()
+        self.writes.clear()
+        self.truncates.clear()
+        self.flushes = 0
+
+
 class PlainFile(Protocol):
     """A file that is not (yet) in a layer's format, as `import_plain` reads it."""
 

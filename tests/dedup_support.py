@@ -139,33 +139,3 @@ class MemoryStore(ChunkStore):
     def close(self) -> None:
         self.commit()
         self.closed = True
-
-
-class MemoryFile:
-    """A `RandomAccessFile` over a bytearray (the lower file of a layer under test)."""
-
-    def __init__(self, data: bytes = b"") -> None:
-        self.data = bytearray(data)
-        self.writes = 0
-
-    def read(self, offset: int, size: int) -> bytes:
-        return bytes(self.data[offset : offset + size])
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> int:
-        self.writes += 1
-        if offset > len(self.data):
-            self.data.extend(bytes(offset - len(self.data)))
-        self.data[offset : offset + len(data)] = data
-        return len(data)
-
-    def truncate(self, size: int) -> None:
-        if size < len(self.data):
-            del self.data[size:]
-        else:
-            self.data.extend(bytes(size - len(self.data)))
-
-    def size(self) -> int:
-        return len(self.data)
-
-    def flush(self) -> None:
-        pass

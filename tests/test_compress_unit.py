@@ -27,7 +27,7 @@ from compress_support import source_like
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from isofs.provider import CorruptData, ProviderError, SetupRequest
+from isofs.provider import CorruptData, MemoryFile, ProviderError, SetupRequest
 from isofs_providers.compress import CompressLayer, CompressProvider
 from isofs_providers.compress import format as fmt
 from isofs_providers.compress.file import INCOMPRESSIBLE_RUN, LOCAL_LIMIT
@@ -38,36 +38,6 @@ MASTER = bytes(range(32))
 ROOT = Path(__file__).resolve().parent.parent
 
 needs_zstd = pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd CLI not installed")
-
-
-class MemFile:
-    """A bytearray-backed RandomAccessFile (writes past the end zero-fill, as files do)."""
-
-    def __init__(self, data: bytes | bytearray = b"") -> None:
-        self.data = bytearray(data)
-        self.writes: list[tuple[int, int]] = []
-
-    def read(self, offset: int, size: int) -> bytes:
-        return bytes(self.data[offset : offset + size])
-
-    def write(self, offset: int, data: bytes) -> int:
-        self.writes.append((offset, len(data)))
-        if offset > len(self.data):
-            self.data.extend(bytes(offset - len(self.data)))
-        self.data[offset : offset + len(data)] = data
-        return len(data)
-
-    def truncate(self, size: int) -> None:
-        if size < len(self.data):
-            del self.data[size:]
-        else:
-            self.data.extend(bytes(size - len(self.data)))
-
-    def size(self) -> int:
-        return len(self.data)
-
-    def flush(self) -> None:
-        pass
 
 
 class Recording:
@@ -171,7 +141,7 @@ class Stack:
         self.kind = kind
         self.frame_size = frame_size
         self.level = level
-        self.native = MemFile()
+        self.native = MemoryFile()
         self.upper = self._create()
 
     def _compress(self) -> CompressLayer:
@@ -198,7 +168,7 @@ class Stack:
     def stream(self) -> bytes:
         """The zstd stream: the native file, or under encrypt its plaintext."""
         if self.kind == "encrypt-under":
-            lower = EncryptLayer(MASTER).open(MemFile(self.native.data))
+            lower = EncryptLayer(MASTER).open(MemoryFile(self.native.data))
             return lower.read(0, lower.size())
         return bytes(self.native.data)
 
@@ -208,7 +178,7 @@ class Stack:
         decoded = zstd_cli(stream)
         assert decoded == decode_native(stream)
         if self.kind == "encrypt-over":  # zstd restores the ciphertext; decrypt it
-            plain = EncryptLayer(MASTER).open(MemFile(decoded))
+            plain = EncryptLayer(MASTER).open(MemoryFile(decoded))
             decoded = plain.read(0, plain.size())
         assert decoded == bytes(model)
 
@@ -246,7 +216,7 @@ def test_decoder_agrees_with_a_hand_made_file():
     table = skippable(0x184D2A5E, body + struct.pack("<IBI", 3, 0x80, 0x8F92EAB1))
     native = header + b"".join(slots) + table
     assert decode_native(native) == first + second
-    upper = CompressLayer(F).open(MemFile(native))
+    upper = CompressLayer(F).open(MemoryFile(native))
     assert upper.size() == F + 100 and upper.read(0, F + 100) == first + second
     if shutil.which("zstd"):
         assert zstd_cli(native) == first + second
@@ -261,7 +231,7 @@ def test_any_slack_is_absorbed_by_the_trailer(slack):
     the slot's trailer always exists and just grows."""
     data = text(F + 10)
     layer = CompressLayer(F)
-    native = MemFile()
+    native = MemoryFile()
     upper = layer.create(native)
     upper.write(0, data)
     upper.flush()
@@ -278,7 +248,7 @@ def test_any_slack_is_absorbed_by_the_trailer(slack):
                            fmt.array("I", [fmt.EMPTY_CHECKSUM, *table.checksums]))
     )  # fmt: skip
     assert zstd_cli(built) == decode_native(built) == data
-    assert layer.open(MemFile(built)).read(0, F + 10) == data
+    assert layer.open(MemoryFile(built)).read(0, F + 10) == data
 
 
 @needs_zstd
@@ -289,33 +259,33 @@ def test_every_size_around_frame_boundaries_decodes_with_zstd(kind, frame_size):
     for size in sorted({0, 1, fs - 1, fs, fs + 1, 2 * fs - 1, 2 * fs, 2 * fs + 1, 3 * fs - 3,
                         5 * fs + 17}):  # fmt: skip
         data = make_data(kind, size, size)
-        native = MemFile()
+        native = MemoryFile()
         upper = CompressLayer(frame_size).create(native)
         for offset in range(0, size, 7777):  # unaligned pieces
             upper.write(offset, data[offset : offset + 7777])
         upper.flush()
         assert zstd_cli(native.data) == decode_native(native.data) == data, size
-        again = CompressLayer(frame_size).open(MemFile(native.data))
+        again = CompressLayer(frame_size).open(MemoryFile(native.data))
         assert again.size() == size and again.read(0, size + 5) == data, size
         assert fmt.frame_count(size, frame_size) == again.stored_frames
 
 
 def test_empty_file_is_a_complete_stream():
-    native = MemFile()
+    native = MemoryFile()
     layer = CompressLayer(F)
     layer.create(native)
     assert len(native.data) == 32 + 17 + 12
     assert layer.is_formatted(native) and layer.open(native).size() == 0
     if shutil.which("zstd"):
         assert zstd_cli(native.data) == b""
-    assert not layer.is_formatted(MemFile(b"plain text that is not compressed"))
-    assert not layer.is_formatted(MemFile(b""))
+    assert not layer.is_formatted(MemoryFile(b"plain text that is not compressed"))
+    assert not layer.is_formatted(MemoryFile(b""))
 
 
 @pytest.mark.parametrize("frame_size", [64 << 10, 128 << 10, 1 << 20])
 def test_incompressible_data_grows_by_less_than_half_a_percent(frame_size):
     data = noise(8 << 20, 5)
-    native = MemFile()
+    native = MemoryFile()
     upper = CompressLayer(frame_size).create(native)
     for offset in range(0, len(data), 1 << 20):
         upper.write(offset, data[offset : offset + (1 << 20)])
@@ -327,7 +297,7 @@ def test_incompressible_data_grows_by_less_than_half_a_percent(frame_size):
 
 def test_incompressible_files_stop_being_tried_for_a_while():
     layer = CompressLayer(F)
-    upper = layer.create(MemFile())
+    upper = layer.create(MemoryFile())
     upper.write(0, noise(64 * F, 2))
     upper.flush()
     stats = layer.statistics()
@@ -339,7 +309,7 @@ def test_incompressible_files_stop_being_tried_for_a_while():
     upper.flush()
     assert layer.statistics()["frames_compressed"] > 1000
     # a fresh file starts trying at once
-    other = layer.create(MemFile())
+    other = layer.create(MemoryFile())
     other.write(0, text(4 * F))
     other.flush()
     assert layer.statistics()["frames_compressed"] >= 1004
@@ -347,7 +317,7 @@ def test_incompressible_files_stop_being_tried_for_a_while():
 
 def test_rewrites_that_fit_are_written_in_place_with_only_their_table_entries():
     layer = CompressLayer(F)
-    native = MemFile()
+    native = MemoryFile()
     upper = layer.create(native)
     model = bytearray(text(20 * F, 9))
     upper.write(0, model)
@@ -373,7 +343,7 @@ def test_rewrites_that_fit_are_written_in_place_with_only_their_table_entries():
 
 def test_a_frame_that_outgrows_its_slot_lays_the_rest_out_again_with_headroom():
     layer = CompressLayer(F)
-    native = MemFile()
+    native = MemoryFile()
     upper = layer.create(native)
     model = bytearray(text(30 * F, 4))
     upper.write(0, model)
@@ -404,9 +374,9 @@ def test_a_frame_that_outgrows_its_slot_lays_the_rest_out_again_with_headroom():
     assert layer.statistics()["in_place_rewrites"] == 2
 
 
-def _headroom_everywhere(layer: CompressLayer, frames: int) -> tuple[MemFile, object, bytearray]:
+def _headroom_everywhere(layer: CompressLayer, frames: int) -> tuple[MemoryFile, object, bytearray]:
     """A file of text whose frame 0 outgrew its slot: every slot has headroom."""
-    native = MemFile()
+    native = MemoryFile()
     upper = layer.create(native)
     model = bytearray(text(frames * F, 4))
     upper.write(0, model)
@@ -447,7 +417,7 @@ def test_a_frame_that_outgrows_its_headroom_borrows_room_from_its_neighbours_onl
     assert sum(length for _, length in native.writes) < 4 * (after.offsets[stop]
                                                               - after.offsets[first])  # fmt: skip
     assert decode_native(native.data) == model
-    assert CompressLayer(F).open(MemFile(native.data)).read(0, len(model)) == model
+    assert CompressLayer(F).open(MemoryFile(native.data)).read(0, len(model)) == model
 
 
 def test_a_second_rewrite_that_outgrows_its_slot_before_the_headroom_lays_out_the_whole_file():
@@ -456,7 +426,7 @@ def test_a_second_rewrite_that_outgrows_its_slot_before_the_headroom_lays_out_th
     that rewrites land all over the file: all of it gets headroom, once, instead of one
     relayout of the rest per frame further to the front."""
     layer = CompressLayer(F)
-    native = MemFile()
+    native = MemoryFile()
     upper = layer.create(native)
     model = bytearray(text(200 * F, 4))
     upper.write(0, model)
@@ -478,7 +448,7 @@ def test_a_relayout_moves_the_rest_of_the_file_up_in_place_writing_it_about_once
     """Slots move up back to front where they belong; only the first few, which move less
     than their own size, are staged past the end (staging all of it would write it twice)."""
     layer = CompressLayer(F)
-    native = MemFile()
+    native = MemoryFile()
     upper = layer.create(native)
     model = bytearray(text(100 * F, 4))
     upper.write(0, model)
@@ -503,7 +473,7 @@ def test_random_rewrites_reach_a_steady_state_where_every_rewrite_is_in_place(se
     (the rest of the file from the first frame that outgrew its slot, then the whole file),
     then every rewrite is written in place."""
     layer = CompressLayer(F)
-    native = MemFile()
+    native = MemoryFile()
     upper = layer.create(native)
     size = 200 * F
     model = bytearray(text(size, 3))
@@ -530,20 +500,20 @@ def test_random_rewrites_reach_a_steady_state_where_every_rewrite_is_in_place(se
 
 
 def test_holes_and_zero_extension_cost_a_few_bytes_per_frame():
-    native = MemFile()
+    native = MemoryFile()
     upper = CompressLayer(F).create(native)
     upper.write(300 * F + 5, b"tail")
     upper.truncate(400 * F)
     upper.flush()
     assert len(native.data) < 400 * 120
-    again = CompressLayer(F).open(MemFile(native.data))
+    again = CompressLayer(F).open(MemoryFile(native.data))
     assert again.size() == 400 * F
     assert again.read(0, F) == bytes(F)
     assert again.read(300 * F, 16) == bytes(5) + b"tail" + bytes(7)
 
 
 def test_shrinking_then_growing_reads_zeros_not_old_bytes():
-    native = MemFile()
+    native = MemoryFile()
     upper = CompressLayer(F).create(native)
     data = text(3 * F + 50)
     upper.write(0, data)
@@ -560,7 +530,7 @@ def test_shrinking_then_growing_reads_zeros_not_old_bytes():
 
 
 def test_sizes_past_the_seekable_formats_limit_fail_with_efbig_and_change_nothing():
-    native = MemFile()
+    native = MemoryFile()
     upper = CompressLayer(F).create(native)
     upper.write(0, b"kept")
     limit = (fmt.MAX_ENTRIES - 1) * F
@@ -580,7 +550,7 @@ def test_sizes_past_the_seekable_formats_limit_fail_with_efbig_and_change_nothin
 @pytest.mark.parametrize("level", [-5, 1, 19])
 def test_levels(level):
     layer = CompressLayer(F, level)
-    native = MemFile()
+    native = MemoryFile()
     upper = layer.create(native)
     data = text(3 * F)
     upper.write(0, data)
@@ -708,20 +678,12 @@ def test_provider_options_and_config(tmp_path):
 
 
 def test_open_reads_only_the_header_and_the_seek_table():
-    native = MemFile()
+    native = MemoryFile()
     upper = CompressLayer(F).create(native)
     upper.write(0, text(400 * F))  # 25 MiB in 400 frames
     upper.flush()
 
-    class Counting(MemFile):
-        reads: list[tuple[int, int]]
-
-        def read(self, offset: int, size: int) -> bytes:
-            self.reads.append((offset, size))
-            return super().read(offset, size)
-
-    probe = Counting(native.data)
-    probe.reads = []
+    probe = MemoryFile(native.data)
     assert CompressLayer(F).open(probe).size() == 400 * F
     assert sum(size for _, size in probe.reads) <= 32 + (16 << 10)
     assert len(probe.reads) == 2
@@ -729,7 +691,7 @@ def test_open_reads_only_the_header_and_the_seek_table():
 
 def test_reads_decode_only_the_frames_they_touch():
     layer = CompressLayer(F)
-    upper = layer.create(MemFile())
+    upper = layer.create(MemoryFile())
     upper.write(0, text(50 * F))
     upper.flush()
     upper = layer.open(upper._lower)
@@ -745,7 +707,7 @@ def test_reads_decode_only_the_frames_they_touch():
 
 def valid_file(frames: float = 3.5, kind: str = "text") -> tuple[bytes, bytes]:
     data = make_data(kind, int(frames * F), 11)
-    native = MemFile()
+    native = MemoryFile()
     upper = CompressLayer(F).create(native)
     upper.write(0, data)
     upper.flush()
@@ -756,7 +718,7 @@ def decode_hostile(native: bytes | bytearray, original: bytes | None = None) -> 
     """Open and read a hostile native file frame by frame: 'ok', 'corrupt' or 'plain';
     bytes that read successfully must be the original's. Bounded time and memory."""
     layer = CompressLayer(F)
-    lower = MemFile(native)
+    lower = MemoryFile(native)
     tracemalloc.start()
     started = time.monotonic()
     try:
@@ -788,7 +750,7 @@ def decode_hostile(native: bytes | bytearray, original: bytes | None = None) -> 
 def check_maintenance_is_bounded(native: bytes | bytearray) -> None:
     """verify/last_valid_size/repair on hostile bytes end in Damage, never another error."""
     layer = CompressLayer(F)
-    lower = MemFile(native)
+    lower = MemoryFile(native)
     if not layer.is_formatted(lower):
         return
     started = time.monotonic()
@@ -846,7 +808,7 @@ def _with_entry(native: bytes, index: int, slot: int, length: int, checksum: int
 
 def test_crafted_seek_tables_end_in_corrupt_data_quickly():
     native, original = valid_file(3.5)
-    table = CompressLayer(F).open(MemFile(native)).table
+    table = CompressLayer(F).open(MemoryFile(native)).table
     sizes, sums = table.slot_sizes, table.checksums
     cases = {
         "2^27 frames": _with_footer(native, 1 << 27),
@@ -868,14 +830,14 @@ def test_crafted_seek_tables_end_in_corrupt_data_quickly():
 def test_frames_that_do_not_match_their_entries_end_in_corrupt_data():
     native, original = valid_file(4)  # four full frames: slots can trade places
     layer = CompressLayer(F)
-    table = layer.open(MemFile(native)).table
+    table = layer.open(MemoryFile(native)).table
     o = table.offsets
     slots = [native[o[i] : o[i + 1]] for i in range(4)]
     # two slots swapped, the table following them (sizes add up): trailers name the frames
     swapped = native[: o[0]] + slots[1] + slots[0] + b"".join(slots[2:]) + native[o[4] :]
     swapped = _with_entry(swapped, 0, len(slots[1]), F, table.checksums[1])
     swapped = _with_entry(swapped, 1, len(slots[0]), F, table.checksums[0])
-    upper = layer.open(MemFile(swapped))
+    upper = layer.open(MemoryFile(swapped))
     for index in (0, 1):
         with pytest.raises(CorruptData, match=f"frame {index}: its slot holds frame {1 - index}"):
             upper.read(index * F, 10)
@@ -883,7 +845,7 @@ def test_frames_that_do_not_match_their_entries_end_in_corrupt_data():
     # an entry whose checksum is another frame's
     wrong = _with_entry(native, 2, table.slot_sizes[2], F, table.checksums[3])
     with pytest.raises(CorruptData, match="does not match its seek table entry"):
-        layer.open(MemFile(wrong)).read(2 * F, 1)
+        layer.open(MemoryFile(wrong)).read(2 * F, 1)
     # a frame whose header claims 2 GiB, and one claiming a 2 GiB window
     frame_at = o[1]
     huge = bytearray(native)
@@ -895,7 +857,7 @@ def test_frames_that_do_not_match_their_entries_end_in_corrupt_data():
     for crafted in (huge, window):
         assert decode_hostile(crafted, original) == "corrupt"
         with pytest.raises(CorruptData):
-            layer.open(MemFile(crafted)).read(F, 1)
+            layer.open(MemoryFile(crafted)).read(F, 1)
         check_maintenance_is_bounded(crafted)
 
 

@@ -21,11 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dedup_support import MemoryFile, MemoryStore
+from dedup_support import MemoryStore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from isofs.provider import CommandRequest, CorruptData, ProviderError, SetupRequest, Stack
+from isofs.provider import (
+    CommandRequest,
+    CorruptData,
+    MemoryFile,
+    ProviderError,
+    SetupRequest,
+    Stack,
+)
 from isofs_providers.dedup import manifest
 from isofs_providers.dedup.chunker import MODE_CDC, Chunker, ChunkerParams, zero_chunk_length
 from isofs_providers.dedup.file import DirtyRanges, WriterBarrier

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from isofs.cli.passphrases import KeyFileSecrets
-from isofs.provider import CorruptData, ProviderError, SetupRequest
+from isofs.provider import CorruptData, MemoryFile, ProviderError, SetupRequest
 from isofs_providers.encrypt import (
     DIRIV_NAME,
     EncryptLayer,
@@ -41,45 +41,6 @@ NB = BS + 28
 HDR = 32
 MASTER = bytes(range(32))
 CHEAP = {"scrypt_n": 2**14}
-
-
-class MemFile:
-    """A bytearray-backed RandomAccessFile that records the calls made on it."""
-
-    def __init__(self, data: bytes = b"") -> None:
-        self.data = bytearray(data)
-        self.reads: list[tuple[int, int]] = []
-        self.writes: list[tuple[int, int]] = []
-        self.truncates: list[int] = []
-
-    def read(self, offset: int, size: int) -> bytes:
-        self.reads.append((offset, size))
-        return bytes(self.data[offset : offset + size])
-
-    def write(self, offset: int, data: bytes) -> int:
-        self.writes.append((offset, len(data)))
-        if offset > len(self.data):
-            self.data.extend(bytes(offset - len(self.data)))
-        self.data[offset : offset + len(data)] = data
-        return len(data)
-
-    def truncate(self, size: int) -> None:
-        self.truncates.append(size)
-        if size < len(self.data):
-            del self.data[size:]
-        else:
-            self.data.extend(bytes(size - len(self.data)))
-
-    def size(self) -> int:
-        return len(self.data)
-
-    def flush(self) -> None:
-        pass
-
-    def reset_log(self) -> None:
-        self.reads.clear()
-        self.writes.clear()
-        self.truncates.clear()
 
 
 class Secrets:
@@ -124,9 +85,9 @@ def expected_native_size(logical: int) -> int:
     return HDR + full * NB + (rest + 28 if rest else 0)
 
 
-def make(allow_holes: bool = True) -> tuple[EncryptLayer, MemFile, object]:
+def make(allow_holes: bool = True) -> tuple[EncryptLayer, MemoryFile, object]:
     layer = EncryptLayer(MASTER, allow_holes=allow_holes)
-    lower = MemFile()
+    lower = MemoryFile()
     return layer, lower, layer.create(lower)
 
 
@@ -326,7 +287,7 @@ def test_model_equivalence(ops: list[tuple[str, int, object]], allow_holes: bool
 # --- tampering ---------------------------------------------------------------------------------
 
 
-def five_blocks() -> tuple[EncryptLayer, MemFile, object, bytes]:
+def five_blocks() -> tuple[EncryptLayer, MemoryFile, object, bytes]:
     layer, lower, upper = make()
     data = os.urandom(5 * BS)
     upper.write(0, data)
@@ -362,7 +323,7 @@ def test_swapped_blocks_fail() -> None:
 
 def test_block_replayed_from_another_file_fails() -> None:
     layer, lower_a, upper_a, _ = five_blocks()
-    lower_b = MemFile()
+    lower_b = MemoryFile()
     layer.create(lower_b).write(0, os.urandom(5 * BS))
     lower_a.data[HDR + NB : HDR + 2 * NB] = lower_b.data[HDR + NB : HDR + 2 * NB]
     with pytest.raises(CorruptData, match=r"block 1\b"):
@@ -395,7 +356,7 @@ def test_header_tampering() -> None:
     layer, lower, _upper, _ = five_blocks()
     lower.data[8:10] = b"\x00\x02"  # unknown version: not this format
     assert not layer.is_formatted(lower)
-    assert not layer.is_formatted(MemFile(b"plain text file, not encrypted at all....."))
+    assert not layer.is_formatted(MemoryFile(b"plain text file, not encrypted at all....."))
 
 
 def test_native_truncation() -> None:
@@ -433,7 +394,7 @@ def test_truncate_to_zero_resets_a_corrupt_file() -> None:
 
 def test_create_refuses_non_empty_lower() -> None:
     with pytest.raises(ValueError):
-        EncryptLayer(MASTER).create(MemFile(b"data"))
+        EncryptLayer(MASTER).create(MemoryFile(b"data"))
 
 
 def test_wrong_key_fails() -> None:
@@ -464,7 +425,7 @@ def init(
 
 
 def round_trip_through(layer: EncryptLayer, layer2: EncryptLayer) -> None:
-    lower = MemFile()
+    lower = MemoryFile()
     layer.create(lower).write(0, b"hello world" * 1000)
     assert layer2.open(lower).read(0, 11) == b"hello world"
 
@@ -848,7 +809,7 @@ def old_last_valid_size(native_size: int) -> int:
     return next(n for n in range(native_size, HDR - 1, -1) if logical_size_of(n) is not None)
 
 
-class SizedFile(MemFile):
+class SizedFile(MemoryFile):
     """A lower file that only has a size (last_valid_size must not need its bytes)."""
 
     def __init__(self, size: int) -> None:

@@ -27,6 +27,7 @@ from isofs_xorpad.xorpad import (
 
 from isofs.provider import (
     CorruptData,
+    MemoryFile,
     ProviderError,
     SetupRequest,
     Stack,
@@ -35,37 +36,6 @@ from isofs.provider import (
 )
 
 MiB = 1 << 20
-
-
-class MemFile:
-    """A bytearray-backed RandomAccessFile (growing writes leave native zeros, like a disk)."""
-
-    def __init__(self, data: bytes = b"") -> None:
-        self.data = bytearray(data)
-        self.writes: list[tuple[int, int]] = []
-        self.flushes = 0
-
-    def read(self, offset: int, size: int) -> bytes:
-        return bytes(self.data[offset : offset + size])
-
-    def write(self, offset: int, data: bytes) -> int:
-        self.writes.append((offset, len(data)))
-        if offset > len(self.data):
-            self.data.extend(bytes(offset - len(self.data)))
-        self.data[offset : offset + len(data)] = data
-        return len(data)
-
-    def truncate(self, size: int) -> None:
-        if size < len(self.data):
-            del self.data[size:]
-        else:
-            self.data.extend(bytes(size - len(self.data)))
-
-    def size(self) -> int:
-        return len(self.data)
-
-    def flush(self) -> None:
-        self.flushes += 1
 
 
 class FdFile:
@@ -105,8 +75,8 @@ def model_write(model: bytearray, offset: int, data: bytes) -> None:
     model[offset : offset + len(data)] = data
 
 
-def new_file(seed: int = 0) -> tuple[MemFile, XorPadFile]:
-    lower = MemFile()
+def new_file(seed: int = 0) -> tuple[MemoryFile, XorPadFile]:
+    lower = MemoryFile()
     return lower, XorPadLayer(seed).create(lower)
 
 
@@ -123,7 +93,7 @@ def test_create_writes_only_the_header() -> None:
 
 def test_create_refuses_a_non_empty_lower_file() -> None:
     with pytest.raises(ValueError):
-        XorPadLayer().create(MemFile(b"x"))
+        XorPadLayer().create(MemoryFile(b"x"))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 255, 256, 2**64 - 1])
@@ -360,7 +330,7 @@ def test_random_operations_match_a_bytearray_model(seed: int, operations: list[t
 )
 def test_unformatted_files_are_recognised(native: bytes) -> None:
     layer = XorPadLayer()
-    lower = MemFile(native)
+    lower = MemoryFile(native)
     assert not layer.is_formatted(lower)
     assert Stack([layer]).open(lower) is None
     with pytest.raises(CorruptData):
@@ -372,7 +342,7 @@ def test_formatted_files_are_recognised(native: bytes) -> None:
     layer = XorPadLayer()
     assert layer.header_size() == 16
     assert layer.block_size == 1
-    assert layer.is_formatted(MemFile(native))
+    assert layer.is_formatted(MemoryFile(native))
 
 
 def test_logical_size() -> None:
@@ -389,7 +359,7 @@ def test_logical_size() -> None:
 def test_stack_of_two_xorpad_layers() -> None:
     stack = Stack([XorPadLayer(seed=1), XorPadLayer(seed=2)])
     assert stack.block_size == 1
-    native = MemFile()
+    native = MemoryFile()
     upper = stack.create(native)
     upper.write(10, b"stacked")
     assert native.size() == 10 + 7 + 32
@@ -421,7 +391,7 @@ def test_seed_option(tmp_path: Path, given: object, seed: int) -> None:
     config = XorPadProvider.initialise(tmp_path, SetupRequest(options={"seed": given}))
     assert config["seed"] == seed
     layer = XorPadProvider.load(tmp_path, config, SetupRequest())
-    lower = MemFile()
+    lower = MemoryFile()
     layer.create(lower)
     assert int.from_bytes(lower.data[8:16], "big") == seed
 

@@ -18,35 +18,9 @@ import pytest
 from isofs_xorpad import CHECKED_MAGIC, HEADER_CHECKSUM_MISMATCH, XorPadLayer, XorPadProvider
 from isofs_xorpad.xorpad import corrected_header
 
-from isofs.provider import CorruptData, ProviderError, SetupRequest
+from isofs.provider import CorruptData, MemoryFile, ProviderError, SetupRequest
 
 SEEDS = [0, 1, 0x0102030405060708, 2**64 - 1]
-
-
-class MemFile:
-    """A bytearray-backed RandomAccessFile."""
-
-    def __init__(self, data: bytes = b"") -> None:
-        self.data = bytearray(data)
-
-    def read(self, offset: int, size: int) -> bytes:
-        return bytes(self.data[offset : offset + size])
-
-    def write(self, offset: int, data: bytes) -> int:
-        if offset > len(self.data):
-            self.data.extend(bytes(offset - len(self.data)))
-        self.data[offset : offset + len(data)] = data
-        return len(data)
-
-    def truncate(self, size: int) -> None:
-        del self.data[size:]
-        self.data.extend(bytes(size - len(self.data)))
-
-    def size(self) -> int:
-        return len(self.data)
-
-    def flush(self) -> None:
-        pass
 
 
 class Secrets:
@@ -68,13 +42,13 @@ def no_progress(_done: int) -> None:
     pass
 
 
-def checked_file(seed: int, content: bytes) -> MemFile:
-    lower = MemFile()
+def checked_file(seed: int, content: bytes) -> MemoryFile:
+    lower = MemoryFile()
     XorPadLayer(seed, checksum=True).create(lower).write(0, content)
     return lower
 
 
-def flip(lower: MemFile, *bits: int) -> None:
+def flip(lower: MemoryFile, *bits: int) -> None:
     for bit in bits:
         lower.data[bit // 8] ^= 0x80 >> (bit % 8)
 
@@ -123,7 +97,7 @@ def test_checked_header_follows_the_documented_format(seed: int) -> None:
 def test_the_provider_records_the_checksum_option(tmp_path: Path) -> None:
     config = XorPadProvider.initialise(tmp_path, SetupRequest(options={"checksum": "yes"}))
     assert config == {"version": 1, "seed": 0, "checksum": True}
-    lower = MemFile()
+    lower = MemoryFile()
     XorPadProvider.load(tmp_path, config, SetupRequest()).create(lower)
     assert bytes(lower.data[:4]) == b"XPC1"
 
@@ -158,7 +132,7 @@ def test_two_flipped_bits_are_reported_but_not_repairable() -> None:
 
 
 def test_plain_headers_have_nothing_to_check() -> None:
-    lower = MemFile()
+    lower = MemoryFile()
     XorPadLayer(3).create(lower).write(0, b"plain")
     flip(lower, 64)  # the seed's top bit: a plain header cannot tell
     assert XorPadLayer().verify(lower, no_progress) == []
