@@ -123,8 +123,9 @@ ROWS: list[Row] = [
     Row("rr-warm", "IOPS", True, "the same offsets again at once"),
     Row("rw-lat-p50", "ms", False, "4 KiB pwrite + fsync into the 100 MiB file: median"),
     Row("rw-lat-mean", "ms", False, "the same, mean (relayouts included)"),
-    Row("rw-written", "KiB/wr", False, "bytes written per write: loop device / daemon io"),
+    Row("rw-written", "KiB/wr", False, "bytes written per write: loop device / write_bytes"),
     Row("rw-written-2nd", "KiB/wr", False, "the same over the second half of the writes"),
+    Row("rw-syscalls", "KiB/wr", False, "bytes the writer's write calls passed (wchar)"),
     Row("rw-layer", "KiB/wr", False, "isofs compress: the layer's own lower_bytes_written"),
 ]
 ROW_BY_NAME = {r.name: r for r in ROWS}
@@ -358,17 +359,22 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def io_write_bytes(pid: int) -> int | None:
-    """write_bytes of /proc/PID/io: bytes the process caused to be written to storage
-    (page-granular for buffered writes), all its threads together."""
+def io_written(pid: int) -> dict[str, int]:
+    """A process's write counters in /proc/PID/io, all its threads together: "storage", the
+    bytes it caused to be written to storage (`write_bytes`: whole page-cache folios, so a
+    small write into a large folio counts the folio), and "syscalls", the bytes its write
+    calls passed (`wchar`: for a daemon its native writes and its replies to the kernel)."""
+    fields = {"write_bytes": "storage", "wchar": "syscalls"}
+    out = {}
     try:
         with open(f"/proc/{pid}/io") as f:
             for line in f:
-                if line.startswith("write_bytes:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+                key, _, value = line.partition(":")
+                if key in fields:
+                    out[fields[key]] = int(value)
+    except (OSError, ValueError):
+        return {}
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -433,9 +439,8 @@ class Native(Contender):
         return usage_ratio(self.data_dir / rel, logical)
 
     def written(self) -> dict[str, int]:
-        """This process writes the file itself: its own write_bytes."""
-        count = io_write_bytes(os.getpid())
-        return {} if count is None else {"process": count}
+        """This process writes the file itself: its own counters."""
+        return io_written(os.getpid())
 
 
 class Btrfs(Contender):
@@ -571,11 +576,8 @@ class Isofs(Contender):
         return layers[0]
 
     def written(self) -> dict[str, int]:
-        out = {}
         pids = self.cli.daemon_pids
-        daemon = io_write_bytes(pids[0]) if pids else None
-        if daemon is not None:
-            out["daemon"] = daemon
+        out = io_written(pids[0]) if pids else {}
         layer = self.layer_stats().get("lower_bytes_written")
         if layer is not None:
             out["layer"] = int(layer)
@@ -603,8 +605,7 @@ class MinimalPassthrough(Isofs):
 
     def written(self) -> dict[str, int]:
         proc = self.cli.proc
-        daemon = io_write_bytes(proc.pid) if proc is not None else None
-        return {} if daemon is None else {"daemon": daemon}
+        return io_written(proc.pid) if proc is not None else {}
 
 
 class ZstdCli(Contender):
@@ -815,7 +816,7 @@ def random_writes(c: Contender, ctx: Ctx, record: Record) -> None:
     after = c.written()
     record(c.name, "rw-lat-p50", statistics.median(latencies) * 1e3)
     record(c.name, "rw-lat-mean", statistics.fmean(latencies) * 1e3)
-    counters = {"device": "rw-written", "daemon": "rw-written", "process": "rw-written",
+    counters = {"device": "rw-written", "storage": "rw-written", "syscalls": "rw-syscalls",
                 "layer": "rw-layer"}  # fmt: skip
     for counter, row in counters.items():
         if counter in after and counter in before:
@@ -951,8 +952,10 @@ Columns: medians, in the row's unit. Ratio columns a/b: higher is better for a i
 row (speeds and compression ratios: a/b; ms and KiB/write: b/a). "met" compares
 isofs-compress with the target's contender. btrfs's two ratio rows both show compsize's
 disk usage; isofs's are its native files' st_blocks*512 and st_size. rw-written: btrfs =
-sectors its loop device wrote; isofs = the daemon's /proc/PID/io write_bytes; native =
-this process's (both count whole kernel folios dirtied: 4 KiB or more per write).
+sectors its loop device wrote; FUSE daemons = the daemon's /proc/PID/io write_bytes; native =
+this process's (both count whole kernel folios dirtied: 4 KiB or more per write, a whole
+large folio when the write lands in one). rw-syscalls: the bytes the writer's own write
+calls passed (wchar; a daemon's include its replies to the kernel).
 zstd = the CLI file by file; zstd-T2 = one tar piped through zstd -T2 (compress row:
 tar + zstd; decompress row: zstd -d to /dev/null)."""
 

@@ -90,6 +90,11 @@ def test_quick_run_reads_back_the_source_everywhere_and_cleans_up(tmp_path: Path
     for name in FILESYSTEMS:
         assert set(FS_ROWS) <= set(doc["samples"][name]), name
     assert "rw-layer" in doc["samples"]["isofs-compress"]
+    # What the writers' write calls passed: this process's 4 KiB pwrites exactly; each
+    # daemon's writes of at least those 4 KiB (plus its replies to the kernel).
+    assert doc["samples"]["native"]["rw-syscalls"] == [4.0]
+    for daemon in ("isofs-compress", "isofs-passthrough", "minimal"):
+        assert doc["samples"][daemon]["rw-syscalls"][0] > 4.0, daemon
     for name in ("zstd", "zstd-T2"):
         assert set(doc["samples"][name]) == set(ZSTD_ROWS), name
     for name, rows in doc["samples"].items():
@@ -168,7 +173,8 @@ def test_phases_run_only_the_rows_asked_for(tmp_path: Path) -> None:
     assert proc.returncode == 0, out
     doc = json.loads(result.read_text())
     assert doc["errors"] == {}
-    rows = {"rw-lat-p50", "rw-lat-mean", "rw-written", "rw-written-2nd", "rw-layer"}
+    rows = {"rw-lat-p50", "rw-lat-mean", "rw-written", "rw-written-2nd", "rw-syscalls",
+            "rw-layer"}
     assert set(doc["samples"]["isofs-compress"]) == rows
     assert doc["verified"] == {"isofs-compress": {"rand-write": True, "rand-write zstd -d": True}}
     assert "bin" not in doc["datasets"]
