@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 #: Kept out of every listing: the metadata directory isofs shows only to the native view.
@@ -38,9 +39,14 @@ SHELL_COMMANDS: dict[str, list[str]] = {
 }
 
 
-def walk(root: str) -> list[tuple[str, os.DirEntry[str]]]:
-    """Every entry under `root` (relative path, entry), top-down, metadata directory left out."""
-    found: list[tuple[str, os.DirEntry[str]]] = []
+def walk(root: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """Every entry under `root` (relative path, entry), top-down, metadata directory left out.
+
+    Entries are yielded as the listing reads them, so a caller that stats each one does it
+    right after the readdir that returned it, as `ls -l` and a file manager do (a walk that
+    lists everything first and stats afterwards stats entries whose kernel cache lifetime, 1 s
+    by default, may have run out meanwhile: one more round trip each).
+    """
     pending = [""]
     while pending:
         relative = pending.pop()
@@ -49,10 +55,9 @@ def walk(root: str) -> list[tuple[str, os.DirEntry[str]]]:
                 if not relative and entry.name == META_DIR:
                     continue
                 path = os.path.join(relative, entry.name) if relative else entry.name
-                found.append((path, entry))
                 if entry.is_dir(follow_symlinks=False):
                     pending.append(path)
-    return found
+                yield path, entry
 
 
 def scandir_stat(root: str) -> int:

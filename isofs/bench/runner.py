@@ -46,7 +46,7 @@ from isofs.source import meta_dir_of, read_config
 
 #: Operation key -> how the table names it, what it does.
 OPERATIONS: dict[str, tuple[str, str]] = {
-    "scandir": ("scandir+stat", "os.scandir of every directory, stat of every entry"),
+    "scandir": ("scandir+stat", "os.scandir of every directory, stat of each entry as listed"),
     "ls": ("ls -l", "LC_ALL=C ls -lR of the tree (statx and two getxattrs per entry)"),
     "du": ("du -s", "du -s of the tree (fstatat of every entry)"),
     "find": ("find -type f", "find -type f of the tree (types from readdir, no stat)"),
