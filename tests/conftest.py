@@ -86,21 +86,41 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def daemons_for(mountpoint: str | os.PathLike[str]) -> list[int]:
-    """PIDs of live (not zombie) isofs daemons whose command line names this mount point."""
-    wanted = os.fsencode(os.path.realpath(mountpoint))
+def live_processes(matches: Callable[[list[bytes]], bool]) -> list[int]:
+    """PIDs of live (not zombie) processes other than this one whose argument list
+    `matches`."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
+        except OSError:
             continue
-        if b"isofs" in argv and b"--foreground" in argv and wanted in argv and state != b"Z":
+        if matches(argv) and pid_is_running(int(entry)):
             pids.append(int(entry))
     return pids
+
+
+def daemons_for(mountpoint: str | os.PathLike[str]) -> list[int]:
+    """Live isofs daemons whose command line names this mount point."""
+    wanted = os.fsencode(os.path.realpath(mountpoint))
+    return live_processes(
+        lambda argv: b"isofs" in argv and b"--foreground" in argv and wanted in argv
+    )
+
+
+def processes_naming(path: str | os.PathLike[str]) -> list[int]:
+    """Live processes whose command line names anything under `path` (daemons by their
+    mount point, a test engine by its configuration file)."""
+    wanted = os.fsencode(os.path.realpath(path))
+    return live_processes(lambda argv: any(wanted in arg for arg in argv))
+
+
+def mounts_under(path: str | os.PathLike[str]) -> list[str]:
+    """Mount points the kernel lists below `path`."""
+    prefix = os.path.realpath(path) + "/"
+    return [m for m in runtime.mounted_filesystems() if m.startswith(prefix)]
 
 
 def _daemon_pid_from_proc(mnt: str) -> int | None:

@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fuse_unavailable, mounted_at, run_isofs, wait_until
+from conftest import (
+    fuse_unavailable,
+    mounted_at,
+    mounts_under,
+    processes_naming,
+    run_isofs,
+    wait_until,
+)
 
 from isofs.bench.runner import OPERATIONS, STATES, builtin_providers
 from isofs.daemon import runtime
@@ -45,28 +52,6 @@ def expected_contenders(providers: list[str]) -> list[str]:
             keys.append(f"{provider}/2v-target")
         keys.append(f"{provider}/2v-native")
     return keys
-
-
-def mounts_under(path: Path) -> list[str]:
-    prefix = os.path.realpath(path) + "/"
-    return [m for m in runtime.mounted_filesystems() if m.startswith(prefix)]
-
-
-def processes_naming(path: Path) -> list[int]:
-    """Live processes (not this one) whose command line mentions anything under `path`."""
-    wanted = os.fsencode(os.path.realpath(path))
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes()
-            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if wanted in argv and state not in (b"Z", b"X"):
-            found.append(int(entry))
-    return found
 
 
 def assert_nothing_left(workdir: Path) -> None:

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fuse_unavailable, wait_until
+from conftest import fuse_unavailable, mounts_under, processes_naming, wait_until
 
 from isofs.daemon import runtime
-from isofs.mountinfo import mount_table
 
 pytestmark = [
     pytest.mark.mount,
@@ -48,29 +47,6 @@ def start(workdir: Path, *args: str | os.PathLike[str]) -> subprocess.Popen[str]
         [sys.executable, str(SCRIPT), "--workdir", str(workdir), *map(str, args)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
     )  # fmt: skip
-
-
-def mounts_under(path: Path) -> list[str]:
-    prefix = os.path.realpath(path) + "/"
-    return [m.mountpoint for m in mount_table() if m.mountpoint.startswith(prefix)]
-
-
-def processes_naming(path: Path) -> list[int]:
-    """Live processes (not this one) whose command line names anything under `path`: the
-    isofs daemons (their mount point) and the Ceph daemons (their ceph.conf) alike."""
-    wanted = os.fsencode(os.path.realpath(path))
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes()
-            state = Path(f"/proc/{entry}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if wanted in argv and state not in (b"Z", b"X"):
-            found.append(int(entry))
-    return found
 
 
 def assert_nothing_left(workdir: Path) -> None:

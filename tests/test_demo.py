@@ -17,9 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import fuse_unavailable, pid_is_running, wait_until
-
-from isofs.daemon import runtime
+from conftest import fuse_unavailable, live_processes, mounts_under, wait_until
 
 pytestmark = pytest.mark.mount
 
@@ -29,26 +27,12 @@ AFTER_MOUNT = "# a target-view process writes a file"
 EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE
 
 
-def mounts_under(base: Path) -> list[str]:
-    prefix = os.path.realpath(base) + "/"
-    return [mnt for mnt in runtime.mounted_filesystems() if mnt.startswith(prefix)]
-
-
 def daemons_under(base: Path) -> list[int]:
     """Live isofs daemons whose command line names a path under `base`."""
     prefix = os.fsencode(os.path.realpath(base)) + b"/"
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ours = b"--foreground" in argv and any(arg.startswith(prefix) for arg in argv)
-        if ours and pid_is_running(int(entry)):
-            found.append(int(entry))
-    return found
+    return live_processes(
+        lambda argv: b"--foreground" in argv and any(arg.startswith(prefix) for arg in argv)
+    )
 
 
 class Demo:
