@@ -322,6 +322,22 @@ def test_dirty_indexes_sorted_per_section() -> None:
     assert cache.dirty_indexes(3) == []
 
 
+def test_a_dirty_page_remembers_the_span_its_writes_covered() -> None:
+    cache = PageCache(budget=100 * P)
+    cache.put(1, 0, page(0), dirty=True, span=(100, 200))
+    cache.mark_dirty(1, 0, (50, 120))  # the union of the writes, one range
+    assert cache.dirty_span(1, 0) == (50, 200)
+    cache.put(1, 1, page(1))
+    cache.mark_dirty(1, 1, (7, 8))
+    assert cache.dirty_span(1, 1) == (7, 8)
+    cache.put(1, 2, page(2), dirty=True)  # no span given: the whole page
+    assert cache.dirty_span(1, 2) == (0, P)
+    cache.mark_clean(1, [0, 1, 2])
+    cache.mark_dirty(1, 0, (3, 4))  # clean again: a new span, not the old union
+    assert cache.dirty_span(1, 0) == (3, 4)
+    cache.check_invariants()
+
+
 # ---------------------------------------------------------------------------- drop
 
 

@@ -283,6 +283,71 @@ async def test_truncate_grow_keeps_dirty_pages(fx: Fixture) -> None:
     assert decode(fx.path) == expected
 
 
+def _record_upper_writes(section: Section) -> list[tuple[int, int]]:
+    """(offset, length) of every write the section makes to its upper file from now on."""
+    writes: list[tuple[int, int]] = []
+    real = section.upper.write
+
+    def recording(offset: int, data: bytes) -> int:
+        writes.append((offset, len(data)))
+        return real(offset, data)
+
+    section.upper.write = recording  # type: ignore[method-assign]
+    return writes
+
+
+async def test_write_back_writes_what_was_written_not_whole_pages(fx: Fixture) -> None:
+    """A small write into a cached page writes back its own bytes: a 4 KiB random write +
+    fsync must not rewrite the 64 KiB page around it (nor re-encrypt 16 blocks for one)."""
+    s = fx.section
+    model = bytearray(await fx.stored(3 * P, 31))
+    assert await s.read(0, 3 * P) == model  # every page cached, clean
+    writes = _record_upper_writes(s)
+    for offset, data in ((100, b"x" * 10), (5000, b"y" * 10), (2 * P + 7, b"z")):
+        await s.write(offset, data)
+        model[offset : offset + len(data)] = data
+    await s.flush()
+    assert writes == [(100, 4910), (2 * P + 7, 1)]  # page 0's span (the union), page 2's
+    assert decode(fx.path) == model
+
+
+async def test_write_back_widens_to_the_stacks_blocks_and_stops_at_the_size(
+    tmp_path: Path,
+) -> None:
+    """Through a stack with 4 KiB blocks, the span widens to whole blocks, never past the
+    file's size; a new page past the stored size writes only what was written."""
+
+    class Blocky(XorPadLayer):
+        block_size = 4096
+
+    fd = os.open(tmp_path / "file", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    Blocky().create(NativeFile(fd))
+    cache = PageCache(budget=8 * P)
+    s = Section(1, fd, Stack([Blocky()]), cache, P, "test", lambda: None)
+    try:
+        model = bytearray(pattern(P + 6000, 32))
+        await s.write(0, bytes(model))
+        await s.flush()
+        assert await s.read(0, len(model)) == model
+        writes = _record_upper_writes(s)
+        for offset, data in ((5000, b"a" * 100), (P + 5990, b"b" * 5)):
+            await s.write(offset, data)
+            model[offset : offset + len(data)] = data
+        await s.flush()
+        # page 0: block 1 (4096..8192); page 1: its second block, cut at the size
+        assert writes == [(4096, 4096), (P + 4096, len(model) - P - 4096)]
+        writes.clear()
+        await s.write(3 * P + 10, b"c" * 3)  # past the end: the gap reads as zeros
+        model += bytes(3 * P + 10 - len(model)) + b"ccc"
+        await s.flush()
+        assert writes == [(3 * P, 13)]  # its block from the start, up to the size
+        assert await s.read(0, len(model)) == model
+        cache.drop(s.id)
+        assert await s.read(0, len(model)) == model
+    finally:
+        s.close()
+
+
 # ---------------------------------------------------------------- pressure, eviction
 
 

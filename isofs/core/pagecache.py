@@ -2,6 +2,8 @@
 
 Pages are full-size, zero-padded bytearrays keyed by (section id, page index). The cache owns
 the memory and the eviction order; sections own the meaning (size, dirty data, write-back).
+A dirty page remembers the span of it that was written (one range, the union of its writes),
+so a write-back writes that span, not the whole page.
 Only clean pages are evicted: a dirty page leaves the cache only after its section wrote it
 back, and writers push back (flush their own section) when dirty bytes pass half the budget.
 
@@ -58,7 +60,8 @@ class PageCache:
         self._protected: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._protected_bytes = 0
         self._by_section: dict[int, set[int]] = {}
-        self._dirty: dict[int, set[int]] = {}
+        #: Dirty pages of each section: index -> the span written, (lo, hi) within the page.
+        self._dirty: dict[int, dict[int, tuple[int, int]]] = {}
         self._bytes = 0
         self._dirty_bytes = 0
         self.hits = 0
@@ -93,20 +96,24 @@ class PageCache:
 
     # ------------------------------------------------------------------ changes
 
-    def put(self, section: int, index: int, page: bytearray, *, dirty: bool = False) -> None:
+    def put(
+        self, section: int, index: int, page: bytearray, *, dirty: bool = False,
+        span: tuple[int, int] | None = None,
+    ) -> None:
+        """Cache a page; `dirty`: written, over `span` of it (default: all of it)."""
         key = (section, index)
         old = self._pages.get(key)
         if old is not None:
             self._bytes -= len(old)
             if index in self._dirty.get(section, ()):
                 self._dirty_bytes -= len(old)
-                self._dirty[section].discard(index)
+                del self._dirty[section][index]
             self._unlist(key, old)
         self._pages[key] = page
         self._bytes += len(page)
         self._by_section.setdefault(section, set()).add(index)
         if dirty:
-            self._add_dirty(section, index, page)
+            self._add_dirty(section, index, page, span or (0, len(page)))
         else:
             self._probation[key] = None
             self._probation_bytes += len(page)
@@ -123,18 +130,30 @@ class PageCache:
         self._protected[key] = None
         self._protected_bytes += len(page)
 
-    def mark_dirty(self, section: int, index: int) -> None:
-        if index not in self._dirty.get(section, ()):
-            page = self._pages[(section, index)]
-            self._unlist((section, index), page)
-            self._add_dirty(section, index, page)
+    def mark_dirty(self, section: int, index: int, span: tuple[int, int] | None = None) -> None:
+        """A cached page was written over `span` of it (default: all of it)."""
+        page = self._pages[(section, index)]
+        span = span or (0, len(page))
+        spans = self._dirty.get(section)
+        if spans is not None and index in spans:
+            lo, hi = spans[index]
+            spans[index] = (min(lo, span[0]), max(hi, span[1]))
+            return
+        self._unlist((section, index), page)
+        self._add_dirty(section, index, page, span)
 
-    def _add_dirty(self, section: int, index: int, page: bytearray) -> None:
-        self._dirty.setdefault(section, set()).add(index)
+    def _add_dirty(
+        self, section: int, index: int, page: bytearray, span: tuple[int, int]
+    ) -> None:
+        self._dirty.setdefault(section, {})[index] = span
         self._dirty_bytes += len(page)
 
     def dirty_indexes(self, section: int) -> list[int]:
         return sorted(self._dirty.get(section, ()))
+
+    def dirty_span(self, section: int, index: int) -> tuple[int, int]:
+        """(lo, hi) of a dirty page that was written: what its write-back must write."""
+        return self._dirty[section][index]
 
     def has_dirty(self, section: int) -> bool:
         return bool(self._dirty.get(section))
@@ -145,7 +164,7 @@ class PageCache:
             return
         for index in indexes:
             if index in dirty:
-                dirty.discard(index)
+                del dirty[index]
                 self._dirty_bytes -= len(self._pages[(section, index)])
                 self._protect((section, index), self._pages[(section, index)])  # in use
                 self.write_backs += 1
@@ -162,7 +181,7 @@ class PageCache:
         indexes = self._by_section.get(section)
         if not indexes:
             return
-        dirty = self._dirty.get(section, set())
+        dirty = self._dirty.get(section, {})
         if stop is not None and stop - start < len(indexes):
             doomed = [i for i in range(start, stop) if i in indexes]
         else:
@@ -172,7 +191,7 @@ class PageCache:
             page = self._pages.pop((section, index))
             self._bytes -= len(page)
             if index in dirty:
-                dirty.discard(index)
+                del dirty[index]
                 self._dirty_bytes -= len(page)
             else:
                 self._unlist((section, index), page)
@@ -235,6 +254,9 @@ class PageCache:
         assert all(self._by_section.values()) and listed == pages.keys(), "section index"
         assert self._bytes == sum(len(p) for p in pages.values()), "bytes_cached"
         assert self._dirty_bytes == sum(len(pages[k]) for k in dirty), "dirty_bytes"
+        for section, spans in self._dirty.items():
+            for index, (lo, hi) in spans.items():
+                assert 0 <= lo <= hi <= len(pages[(section, index)]), "dirty span"
         assert self._probation_bytes == sum(len(pages[k]) for k in probation)
         assert self._protected_bytes == sum(len(pages[k]) for k in protected)
         assert self._bytes <= self.budget or not probation | protected, "over budget"
