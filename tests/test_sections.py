@@ -274,9 +274,9 @@ async def test_truncate_at_boundaries(fx: Fixture, new_size: int) -> None:
 
 async def test_truncate_grow_keeps_dirty_pages(fx: Fixture) -> None:
     s = fx.section
-    await s.write(10, b"abc")
+    await s.write(0, bytes(10) + b"abc")  # from the start: a sequential write, kept in a page
     await s.truncate(2 * P)
-    assert s.dirty
+    assert s.has_dirty_pages
     expected = bytes(10) + b"abc" + bytes(2 * P - 13)
     assert await s.read(0, 2 * P) == expected
     await s.flush()
@@ -296,18 +296,53 @@ def _record_upper_writes(section: Section) -> list[tuple[int, int]]:
     return writes
 
 
-async def test_write_back_writes_what_was_written_not_whole_pages(fx: Fixture) -> None:
-    """A small write into a cached page writes back its own bytes: a 4 KiB random write +
-    fsync must not rewrite the 64 KiB page around it (nor re-encrypt 16 blocks for one)."""
+async def test_write_back_writes_what_was_written_not_whole_pages(tmp_path: Path) -> None:
+    """A small write into a cached page writes back its own bytes: a 4 KiB write + fsync
+    must not rewrite the 64 KiB page around it (nor re-encrypt 16 blocks for one)."""
+    fx = Fixture(tmp_path / "file", budget_pages=16)  # room for all three pages read once
+    try:
+        s = fx.section
+        model = bytearray(await fx.stored(3 * P, 31))
+        assert await s.read(0, 3 * P) == model
+        assert all(fx.cache.peek(s.id, i) is not None for i in range(3))  # cached, clean
+        writes = _record_upper_writes(s)
+        for offset, data in ((100, b"x" * 10), (5000, b"y" * 10), (2 * P + 7, b"z")):
+            await s.write(offset, data)
+            model[offset : offset + len(data)] = data
+        assert writes == []  # they wait in the pages
+        await s.flush()
+        assert writes == [(100, 4910), (2 * P + 7, 1)]  # page 0's span (the union), page 2's
+        assert decode(fx.path) == model
+    finally:
+        fx.close()
+
+
+async def test_a_small_random_write_into_an_uncached_page_goes_straight_through(
+    fx: Fixture,
+) -> None:
+    """The page is not loaded to change a few bytes of it: the write reaches the provider
+    as it is, and nothing is cached or left dirty. A write that continues it is sequential
+    and waits in a page as before."""
     s = fx.section
-    model = bytearray(await fx.stored(3 * P, 31))
-    assert await s.read(0, 3 * P) == model  # every page cached, clean
+    model = bytearray(await fx.stored(3 * P, 33))
     writes = _record_upper_writes(s)
-    for offset, data in ((100, b"x" * 10), (5000, b"y" * 10), (2 * P + 7, b"z")):
-        await s.write(offset, data)
-        model[offset : offset + len(data)] = data
+    reads: list[tuple[int, int]] = []
+    real_read = s.upper.read
+
+    def recording_read(offset: int, size: int) -> bytes:
+        reads.append((offset, size))
+        return real_read(offset, size)
+
+    s.upper.read = recording_read  # type: ignore[method-assign]
+    await s.write(P + 4096, b"r" * 4096)
+    model[P + 4096 : P + 8192] = b"r" * 4096
+    assert writes == [(P + 4096, 4096)] and reads == []
+    assert not s.has_dirty_pages and fx.cache.statistics().pages == 0
+    await s.write(P + 8192, b"s" * 10)  # continues it: into the page cache
+    model[P + 8192 : P + 8202] = b"s" * 10
+    assert s.has_dirty_pages and len(writes) == 1
+    assert await s.read(0, len(model)) == model
     await s.flush()
-    assert writes == [(100, 4910), (2 * P + 7, 1)]  # page 0's span (the union), page 2's
     assert decode(fx.path) == model
 
 
@@ -337,10 +372,12 @@ async def test_write_back_widens_to_the_stacks_blocks_and_stops_at_the_size(
         # page 0: block 1 (4096..8192); page 1: its second block, cut at the size
         assert writes == [(4096, 4096), (P + 4096, len(model) - P - 4096)]
         writes.clear()
-        await s.write(3 * P + 10, b"c" * 3)  # past the end: the gap reads as zeros
-        model += bytes(3 * P + 10 - len(model)) + b"ccc"
+        await s.write(3 * P, b"c" * 3)  # past the end: a random write, straight through
+        await s.write(3 * P + 3, b"d" * 4)  # continuing it: a new page, dirty
+        model += bytes(3 * P - len(model)) + b"cccdddd"
+        assert writes == [(3 * P, 3)]
         await s.flush()
-        assert writes == [(3 * P, 13)]  # its block from the start, up to the size
+        assert writes == [(3 * P, 3), (3 * P, 7)]  # its block from the start, up to the size
         assert await s.read(0, len(model)) == model
         cache.drop(s.id)
         assert await s.read(0, len(model)) == model

@@ -164,6 +164,8 @@ class Section:
         self._upper_pending = False
         #: Where the last read ended: a read starting there continues a sequential run.
         self._read_end = 0
+        #: Where the last write ended, likewise for writes.
+        self._write_end = 0
         #: The smallest span the stack reads and verifies (an AES-GCM block, a zstd frame).
         self._block = max(1, stack.block_size)
         #: Random reads that missed each page since it was last loaded (RANDOM_MISSES...).
@@ -365,11 +367,26 @@ class Section:
         Large sequential writes arrive as 1 MiB requests: writing their whole pages through
         at once spreads the provider work over the requests (and, where the stack allows it,
         over both cores) instead of piling up dirty pages for one long write-back.
+
+        A small write that does not continue the previous one, into a page that is not
+        cached, and needing fewer blocks than a page holds, is a random write: it goes
+        straight to the provider, which rewrites the blocks it touches, instead of loading
+        the page to change a block of it (the random reads' rule, for writes).
         """
         async with self._exclusive:
             await self._reload_if_stale()
             page = self.page_size
             end = offset + len(data)
+            sequential, self._write_end = offset == self._write_end, end
+            if (
+                data
+                and not sequential
+                and offset // page == (end - 1) // page
+                and self._blocks_span(offset, end) < page
+                and self.cache.peek(self.id, offset // page) is None
+            ):
+                await self._write_uncached(offset, data)
+                return len(data)
             through_lo = -(-offset // page) * page
             through_hi = end // page * page
             if through_hi > through_lo:
@@ -387,6 +404,14 @@ class Section:
         """Write whole pages to the provider; cached copies of them are superseded."""
         page = self.page_size
         self.cache.drop_range(self.id, offset // page, (offset + len(data)) // page)
+        self._upper_pending = True
+        await self._call(self.upper.write, offset, data, size=len(data))
+        self.stored_size = max(self.stored_size, offset + len(data))
+        self.size = max(self.size, offset + len(data))
+        self._wrote_native()
+
+    async def _write_uncached(self, offset: int, data: bytes) -> None:
+        """A random write, straight to the provider (its page is not cached)."""
         self._upper_pending = True
         await self._call(self.upper.write, offset, data, size=len(data))
         self.stored_size = max(self.stored_size, offset + len(data))
