@@ -9,6 +9,8 @@ same syscalls on the same disk. It runs without root and without /dev/fuse.
 Operations, each N times (a fresh directory per contender):
   create: LOOKUP (a miss), CREATE, GETXATTR security.capability, WRITE 112 B, FLUSH, RELEASE
           (the requests the kernel sends for open(O_CREAT)+write+close, bench/requests.py)
+  list:   one listing of those N files: OPENDIR, READDIRPLUS replies of 25 entries (a 4 KiB
+          page) until an empty one, RELEASEDIR; the time is per entry listed
   stat:   LOOKUP of an existing name, then GETATTR
   read:   a 4 KiB READ at a random offset of a 64 MiB file (one open handle)
   unlink: LOOKUP, UNLINK
@@ -122,6 +124,46 @@ async def op_unlink(ops: Any, parent: int, n: int) -> None:
         await ops.unlink(parent, b"f%05d" % i, CTX)
 
 
+#: Entries per READDIRPLUS reply: the kernel's buffer is a 4 KiB page, ~150 bytes an entry.
+READDIRPLUS_BATCH = 25
+
+
+class _ReplyBuffer:
+    """Stands in for pyfuse3's readdir token: takes READDIRPLUS_BATCH entries, then is full."""
+
+    def __init__(self) -> None:
+        self.taken = 0
+        self.next_id = 0
+
+
+def _readdir_reply(token: _ReplyBuffer, name: bytes, attr: Any, next_id: int) -> bool:
+    if token.taken >= READDIRPLUS_BATCH:
+        return False
+    token.taken += 1
+    token.next_id = next_id
+    return True
+
+
+async def op_list(ops: Any, parent: int, n: int) -> None:
+    """One listing of the directory's n files, as a cold `ls` or scandir makes it: OPENDIR,
+    READDIRPLUS requests of a page each until one comes back empty, RELEASEDIR."""
+    real, pyfuse3.readdir_reply = pyfuse3.readdir_reply, _readdir_reply
+    try:
+        fh = await ops.opendir(parent, CTX)
+        start, listed = 0, 0
+        while True:
+            token = _ReplyBuffer()
+            await ops.readdir(fh, start, token)
+            if not token.taken:
+                break
+            listed += token.taken
+            start = token.next_id
+        await ops.releasedir(fh)
+        assert listed >= n, f"listed {listed} of {n}"
+    finally:
+        pyfuse3.readdir_reply = real
+
+
 async def op_read(ops: Any, n: int, fh: int) -> None:
     rng = random.Random(1)
     for _ in range(n):
@@ -177,6 +219,7 @@ async def run_contender(
         steps: list[tuple[str, Callable[[], Awaitable[None]] | None, Callable[[], Awaitable[None]]]]
         steps = [
             ("create", None, lambda: op_create(ops, parent, n)),
+            ("list", None, lambda: op_list(ops, parent, n)),
             ("stat", None, lambda: op_stat(ops, parent, n)),
             ("unlink", None, lambda: op_unlink(ops, parent, n)),
             ("read", open_big_file, lambda: op_read(ops, n, read_fh)),
