@@ -248,12 +248,7 @@ class Section:
         first, last = offset // page_size, (end - 1) // page_size
         base = first * page_size
         sequential, self._read_end = offset == self._read_end, end
-        if (
-            first == last
-            and not sequential
-            and self._blocks_span(offset, end) < page_size
-            and self.cache.peek(self.id, first) is None
-        ):
+        if not sequential and self._small_and_uncached(offset, end):
             misses = self._probed.get(first, 0)
             if misses < RANDOM_MISSES_BEFORE_PAGE:  # its blocks only
                 if len(self._probed) >= MAX_PROBED_PAGES:
@@ -277,6 +272,18 @@ class Section:
             else:
                 pieces.append(memoryview(page)[lo - base : hi - base])
         return b"".join(pieces)
+
+    def _small_and_uncached(self, offset: int, end: int) -> bool:
+        """offset..end lies in one page that is not cached and needs fewer of the stack's
+        blocks than a page holds: what makes a read or write that does not continue the
+        previous one a random access."""
+        page = self.page_size
+        first = offset // page
+        return (
+            first == (end - 1) // page
+            and self._blocks_span(offset, end) < page
+            and self.cache.peek(self.id, first) is None
+        )
 
     def _blocks_span(self, offset: int, end: int) -> int:
         """Bytes the stack must read and verify to return offset..end."""
@@ -378,14 +385,8 @@ class Section:
             page = self.page_size
             end = offset + len(data)
             sequential, self._write_end = offset == self._write_end, end
-            if (
-                data
-                and not sequential
-                and offset // page == (end - 1) // page
-                and self._blocks_span(offset, end) < page
-                and self.cache.peek(self.id, offset // page) is None
-            ):
-                await self._write_uncached(offset, data)
+            if data and not sequential and self._small_and_uncached(offset, end):
+                await self._write_through(offset, data)  # a random write
                 return len(data)
             through_lo = -(-offset // page) * page
             through_hi = end // page * page
@@ -401,21 +402,15 @@ class Section:
         return len(data)
 
     async def _write_through(self, offset: int, data: bytes) -> None:
-        """Write whole pages to the provider; cached copies of them are superseded."""
+        """Write straight to the provider; cached copies of the whole pages it covers are
+        superseded (a random write's one page is not cached: there is nothing to drop)."""
         page = self.page_size
-        self.cache.drop_range(self.id, offset // page, (offset + len(data)) // page)
+        end = offset + len(data)
+        self.cache.drop_range(self.id, -(-offset // page), end // page)
         self._upper_pending = True
         await self._call(self.upper.write, offset, data, size=len(data))
-        self.stored_size = max(self.stored_size, offset + len(data))
-        self.size = max(self.size, offset + len(data))
-        self._wrote_native()
-
-    async def _write_uncached(self, offset: int, data: bytes) -> None:
-        """A random write, straight to the provider (its page is not cached)."""
-        self._upper_pending = True
-        await self._call(self.upper.write, offset, data, size=len(data))
-        self.stored_size = max(self.stored_size, offset + len(data))
-        self.size = max(self.size, offset + len(data))
+        self.stored_size = max(self.stored_size, end)
+        self.size = max(self.size, end)
         self._wrote_native()
 
     async def _write_locked(self, offset: int, data: bytes) -> None:
@@ -532,11 +527,13 @@ class Section:
             lo, hi = self.cache.dirty_span(self.id, index)
             start = index * size + lo // block * block  # a page starts and ends on a block
             end = index * size + -(-hi // block) * block
-            if extents and start <= extents[-1][1]:
-                extents[-1][2].append(index)
-                extents[-1] = (extents[-1][0], max(end, extents[-1][1]), extents[-1][2])
+            if extents and start == extents[-1][1]:  # this page's span meets the last one's
+                first, _, pages = extents.pop()
+                start = first
             else:
-                extents.append((start, end, [index]))
+                pages = []
+            pages.append(index)
+            extents.append((start, end, pages))
         return extents
 
     async def _flush_upper(self) -> None:
