@@ -283,17 +283,24 @@ async def test_truncate_grow_keeps_dirty_pages(fx: Fixture) -> None:
     assert decode(fx.path) == expected
 
 
-def _record_upper_writes(section: Section) -> list[tuple[int, int]]:
-    """(offset, length) of every write the section makes to its upper file from now on."""
+def _record_upper(section: Section) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(offset, length) of every write and every read the section makes on its upper file
+    from now on: the lists (writes, reads)."""
     writes: list[tuple[int, int]] = []
-    real = section.upper.write
+    reads: list[tuple[int, int]] = []
+    real_write, real_read = section.upper.write, section.upper.read
 
-    def recording(offset: int, data: bytes) -> int:
+    def recording_write(offset: int, data: bytes) -> int:
         writes.append((offset, len(data)))
-        return real(offset, data)
+        return real_write(offset, data)
 
-    section.upper.write = recording  # type: ignore[method-assign]
-    return writes
+    def recording_read(offset: int, size: int) -> bytes:
+        reads.append((offset, size))
+        return real_read(offset, size)
+
+    section.upper.write = recording_write  # type: ignore[method-assign]
+    section.upper.read = recording_read  # type: ignore[method-assign]
+    return writes, reads
 
 
 async def test_write_back_writes_what_was_written_not_whole_pages(tmp_path: Path) -> None:
@@ -305,7 +312,7 @@ async def test_write_back_writes_what_was_written_not_whole_pages(tmp_path: Path
         model = bytearray(await fx.stored(3 * P, 31))
         assert await s.read(0, 3 * P) == model
         assert all(fx.cache.peek(s.id, i) is not None for i in range(3))  # cached, clean
-        writes = _record_upper_writes(s)
+        writes, _ = _record_upper(s)
         for offset, data in ((100, b"x" * 10), (5000, b"y" * 10), (2 * P + 7, b"z")):
             await s.write(offset, data)
             model[offset : offset + len(data)] = data
@@ -325,15 +332,7 @@ async def test_a_small_random_write_into_an_uncached_page_goes_straight_through(
     and waits in a page as before."""
     s = fx.section
     model = bytearray(await fx.stored(3 * P, 33))
-    writes = _record_upper_writes(s)
-    reads: list[tuple[int, int]] = []
-    real_read = s.upper.read
-
-    def recording_read(offset: int, size: int) -> bytes:
-        reads.append((offset, size))
-        return real_read(offset, size)
-
-    s.upper.read = recording_read  # type: ignore[method-assign]
+    writes, reads = _record_upper(s)
     await s.write(P + 4096, b"r" * 4096)
     model[P + 4096 : P + 8192] = b"r" * 4096
     assert writes == [(P + 4096, 4096)] and reads == []
@@ -364,7 +363,7 @@ async def test_write_back_widens_to_the_stacks_blocks_and_stops_at_the_size(
         await s.write(0, bytes(model))
         await s.flush()
         assert await s.read(0, len(model)) == model
-        writes = _record_upper_writes(s)
+        writes, _ = _record_upper(s)
         for offset, data in ((5000, b"a" * 100), (P + 5990, b"b" * 5)):
             await s.write(offset, data)
             model[offset : offset + len(data)] = data
