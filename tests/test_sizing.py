@@ -104,6 +104,30 @@ async def test_a_listing_measures_its_misses_in_one_batch_off_the_event_loop(sou
         os.close(root_fd)
 
 
+async def test_a_warm_listing_looks_each_size_up_once(source: Path) -> None:
+    """prepare_listing's pass finds the sizes; readdir shows them without a second lookup
+    (and a file opened meanwhile is answered by its section, which knows pending writes)."""
+    layer = ThreadRecordingLayer()
+    volume, root_fd = make_volume(source, layer)
+    try:
+        d = (await volume.sized(lambda: volume.lookup(ROOT, "d", TARGET))).nodeid
+        first = await list_sizes(volume, d)
+        before = volume.sizes.statistics()
+        assert await list_sizes(volume, d) == first
+        after = volume.sizes.statistics()
+        assert after.misses == before.misses
+        assert after.hits - before.hits == 41  # 40 formatted + "plain"; "empty" needs none
+        # a section with a pending write wins over what the listing found
+        f07 = (await volume.sized(lambda: volume.lookup(d, "f07", TARGET))).nodeid
+        fh = await volume.open(f07, os.O_RDWR, TARGET)
+        await volume.write(fh[0], 1000, b"x" * 5)
+        assert (await list_sizes(volume, d))["f07"] == 1005
+        await volume.release(fh[0])
+    finally:
+        volume.close()
+        os.close(root_fd)
+
+
 async def test_a_single_stat_miss_is_measured_in_a_worker_thread(source: Path) -> None:
     layer = ThreadRecordingLayer()
     volume, root_fd = make_volume(source, layer)

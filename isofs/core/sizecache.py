@@ -286,10 +286,16 @@ class SizeCache:
         self._misses += 1
         return None
 
-    def peek(self, key: SizeKey, validators: Validators) -> bool:
-        """Whether `get` would hit, counting nothing and dropping nothing."""
+    def peek(self, key: SizeKey, validators: Validators) -> CachedSize | None:
+        """What `get` would return, counting nothing and dropping nothing."""
         entry = self._entries.get(_key_int(key))
-        return entry is not None and entry & _VALIDATORS_MASK == _pack_validators(validators)
+        if entry is not None and entry & _VALIDATORS_MASK == _pack_validators(validators):
+            return _value(entry)
+        return None
+
+    def count_hit(self) -> None:
+        """A value `peek` returned was used as `get`'s would have been."""
+        self._hits += 1
 
     def put(
         self, key: SizeKey, validators: Validators, value: CachedSize, *, exact: bool = False

@@ -89,14 +89,24 @@ class Sizer:
             return True, memo[1]
         return False, None
 
-    def known_without_consuming(
-        self, key: tuple[int, int], validators: native.Validators
-    ) -> bool:
-        """Whether the size is known without reading the file (a memo stays for its reader)."""
-        if self.sizes.peek(key, validators):
-            return True
+    def for_listing(self, key: tuple[int, int], st: os.stat_result) -> int | None:
+        """The size to show for a listed file when known without reading it, else None.
+
+        The listing uses it instead of asking `size_of` again (so a cache answer counts as
+        its hit here); a miss counts nothing: the listing measures it and asks later. A
+        memo stays for its reader.
+        """
+        if not st.st_size:
+            return 0
+        validators = native.Validators.of(st)
+        cached = self.sizes.peek(key, validators)
+        if cached is not None:
+            self.sizes.count_hit()
+            return self._shown(st, cached)
         memo = self._memo.get(key)
-        return memo is not None and memo[0] == validators and time.monotonic() < memo[2]
+        if memo is not None and memo[0] == validators and time.monotonic() < memo[2]:
+            return self._shown(st, memo[1])
+        return None
 
     def size_of(self, key: tuple[int, int], st: os.stat_result, path_fd: int,
                 describe: Callable[[], str]) -> int:  # fmt: skip
@@ -113,9 +123,15 @@ class Sizer:
             value = measured.value
             if measured.error is not None:
                 log.error("%s: cannot read the logical size: %s", describe(), measured.error)
-        if value is None:  # shown as native size, never cached as if it were true
+        return self._shown(st, value)
+
+    @staticmethod
+    def _shown(st: os.stat_result, value: CachedSize | None) -> int:
+        """The size to show for a known value (None: unmeasurable, shown as native, never
+        cached as if it were true)."""
+        if value is None or value is NOT_FORMATTED:
             return st.st_size
-        return st.st_size if value is NOT_FORMATTED else value
+        return value
 
     # -- measuring (blocking; worker threads) ---------------------------------------------
 

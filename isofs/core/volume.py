@@ -128,8 +128,9 @@ class DirHandle:
     names: list[tuple[str, str]] | None = None
     #: `prepare_listing` took the snapshot for the readdir that follows (do not take another).
     prepared: bool = False
-    #: The lstat of each native name prepare_listing made (readdir need not stat again).
-    stats: dict[str, os.stat_result] = field(default_factory=dict)
+    #: What prepare_listing learnt of each native name: its lstat, and the size the view
+    #: shows when a cache knew it (readdir need not stat nor look it up again).
+    listed: dict[str, tuple[os.stat_result, int | None]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -236,10 +237,13 @@ class Volume:
     def _code_for(self, inode: Inode, view: str) -> int:
         return VIEW_CODES[view] if self.is_multi_view(inode) else SHARED
 
-    def attributes(self, inode: Inode, st: os.stat_result, view: str) -> Attributes:
+    def attributes(
+        self, inode: Inode, st: os.stat_result, view: str, listed_size: int | None = None
+    ) -> Attributes:
+        """`listed_size`: the size a listing found in a cache for this very `st`."""
         size = st.st_size
         if inode.is_regular and self.transforms(view):
-            size = self.logical_size(inode, st, view)
+            size = self.logical_size(inode, st, view, listed_size)
         elif inode.is_symlink and self._names_for(view) is not None:
             size = len(self._link_target(inode, view))
         return Attributes(
@@ -256,16 +260,22 @@ class Volume:
             ctime_ns=st.st_ctime_ns,
         )
 
-    def logical_size(self, inode: Inode, st: os.stat_result, view: str) -> int:
+    def logical_size(
+        self, inode: Inode, st: os.stat_result, view: str, listed_size: int | None = None
+    ) -> int:
         """The size a transformed view shows, without opening the file when avoidable.
 
-        Order: a live section (it knows about pending writes), the size cache validated by
-        the native (size, mtime, ctime), and only then the file itself, whose answer is cached.
+        Order: a live section (it knows about pending writes), the size a listing found for
+        this `st` a moment ago, the size cache validated by the native (size, mtime, ctime),
+        and only then the file itself, whose answer is cached.
         """
-        validators = native.Validators.of(st)
         section = self.sections.get((inode.number, view))
-        if section is not None and (section.has_dirty_pages or section.validators == validators):
+        if section is not None and (
+            section.has_dirty_pages or section.validators == native.Validators.of(st)
+        ):
             return section.size
+        if listed_size is not None:
+            return listed_size
         return self.sizer.size_of(inode.key, st, inode.path_fd, lambda: self.describe(inode))
 
     async def sized(
@@ -303,7 +313,10 @@ class Volume:
         self._directories_measured[directory.number] = now
         directory.open_handles += 1  # its descriptor stays open while the thread reads
         try:
-            names = native.list_names(directory.path_fd, keep_atime=True)
+            names = [
+                name for name in native.list_names(directory.path_fd, keep_atime=True)
+                if not self._hidden(directory, name, view)
+            ]
             await self.sizer.measure_names(
                 directory.path_fd, self._missing_sizes(directory, names, view)
             )
@@ -314,29 +327,27 @@ class Volume:
 
     def _missing_sizes(
         self, directory: Inode, native_names: Iterable[str], view: str,
-        stats: dict[str, os.stat_result] | None = None,
+        listed: dict[str, tuple[os.stat_result, int | None]] | None = None,
     ) -> list[str]:
-        """The native names of regular files whose logical size no cache knows (their lstat
-        goes to `stats`, when given)."""
+        """Of `native_names` (the names the view shows), those of regular files whose
+        logical size no cache knows (with `listed`, each name's lstat and known size go
+        there)."""
         missing = []
         for native_name in native_names:
-            if self._hidden(directory, native_name, view):
-                continue
             try:
                 st = native.stat_at(directory.path_fd, native_name)
             except OSError:
                 continue
-            if stats is not None:
-                stats[native_name] = st
-            if not stat.S_ISREG(st.st_mode) or not st.st_size:
-                continue
-            key = (st.st_dev, st.st_ino)
-            known = self.inodes.by_key(key)
-            section = self.sections.get((known.number, view)) if known else None
-            if section is not None:
-                continue  # the section knows (or its reload will)
-            if not self.sizer.known_without_consuming(key, native.Validators.of(st)):
-                missing.append(native_name)
+            size = None
+            if stat.S_ISREG(st.st_mode):
+                known = self.inodes.by_key((st.st_dev, st.st_ino))
+                if known is None or (known.number, view) not in self.sections:
+                    size = self.sizer.for_listing((st.st_dev, st.st_ino), st)
+                    if size is None:
+                        missing.append(native_name)
+                # (a live section knows, or its reload will: readdir asks it)
+            if listed is not None:
+                listed[native_name] = (st, size)
         return missing
 
     def describe(self, inode: Inode) -> str:
@@ -346,12 +357,14 @@ class Volume:
         except OSError:
             return f"inode {inode.number}"
 
-    def _entry(self, inode: Inode, st: os.stat_result, view: str) -> Entry:
+    def _entry(
+        self, inode: Inode, st: os.stat_result, view: str, listed_size: int | None = None
+    ) -> Entry:
         code = self._code_for(inode, view)
         ttl = self.timeouts.entry if code == SHARED and inode.key != self.meta_key else 0.0
         return Entry(
             nodeid=make_nodeid(inode.number, code),
-            attr=self.attributes(inode, st, view),
+            attr=self.attributes(inode, st, view, listed_size),
             entry_timeout=ttl,
             attr_timeout=self.timeouts.attr,
             inode=inode,
@@ -733,14 +746,14 @@ class Volume:
             yield "..", None, 2
         for position in range(max(start, 2), len(handle.names) + 2):
             name, native_name = handle.names[position - 2]
+            listed_st, size = handle.listed.pop(native_name, (None, None))
             try:
-                inode, st = self.inodes.remember(
-                    handle.inode, native_name, handle.stats.pop(native_name, None)
-                )
+                inode, st = self.inodes.remember(handle.inode, native_name, listed_st)
             except FileNotFoundError:
                 continue
-            # (a file changed since prepare_listing measured it is measured here, inline)
-            yield name, self._entry(inode, st, handle.view), position + 1
+            if st is not listed_st and size is not None and not _same_file_state(st, listed_st):
+                size = None  # changed since it was listed: measured here, inline
+            yield name, self._entry(inode, st, handle.view, size), position + 1
 
     async def prepare_listing(self, fh: int, start: int) -> None:
         """Before `readdir`: take its snapshot and learn, in one batch in a worker thread, the
@@ -753,12 +766,12 @@ class Volume:
             return
         handle.names = self._listing(handle.inode, handle.view)
         handle.prepared = True
-        handle.stats = {}
+        handle.listed = {}
         if not self.transforms(handle.view):
             return
         missing = self._missing_sizes(
             handle.inode, (native_name for _, native_name in handle.names), handle.view,
-            handle.stats,
+            handle.listed,
         )
         self._directories_measured[handle.inode.number] = time.monotonic()
         await self.sizer.measure_names(handle.inode.path_fd, missing)
@@ -1151,3 +1164,14 @@ class Volume:
             self._drop_section(key)
         self._dir_handles.clear()
         self.inodes.close_all()
+
+
+def _same_file_state(a: os.stat_result, b: os.stat_result | None) -> bool:
+    """Whether two lstats of one file show the same content state (the size cache's
+    validators): a size known for one is true for the other."""
+    return (
+        b is not None
+        and a.st_size == b.st_size
+        and a.st_mtime_ns == b.st_mtime_ns
+        and a.st_ctime_ns == b.st_ctime_ns
+    )
