@@ -84,6 +84,12 @@ class Sizer:
         cached = self.sizes.get(key, validators)
         if cached is not None:
             return True, cached
+        return self._from_memo(key, validators)
+
+    def _from_memo(
+        self, key: tuple[int, int], validators: native.Validators
+    ) -> tuple[bool, CachedSize | None]:
+        """(found, value) of a measurement the cache would not keep yet, if still valid."""
         memo = self._memo.get(key)
         if memo is not None and memo[0] == validators and time.monotonic() < memo[2]:
             return True, memo[1]
@@ -103,10 +109,8 @@ class Sizer:
         if cached is not None:
             self.sizes.count_hit()
             return self._shown(st, cached)
-        memo = self._memo.get(key)
-        if memo is not None and memo[0] == validators and time.monotonic() < memo[2]:
-            return self._shown(st, memo[1])
-        return None
+        found, value = self._from_memo(key, validators)
+        return self._shown(st, value) if found else None
 
     def size_of(self, key: tuple[int, int], st: os.stat_result, path_fd: int,
                 describe: Callable[[], str]) -> int:  # fmt: skip

@@ -340,9 +340,10 @@ class Volume:
                 continue
             size = None
             if stat.S_ISREG(st.st_mode):
-                known = self.inodes.by_key((st.st_dev, st.st_ino))
+                key = (st.st_dev, st.st_ino)
+                known = self.inodes.by_key(key)
                 if known is None or (known.number, view) not in self.sections:
-                    size = self.sizer.for_listing((st.st_dev, st.st_ino), st)
+                    size = self.sizer.for_listing(key, st)
                     if size is None:
                         missing.append(native_name)
                 # (a live section knows, or its reload will: readdir asks it)
@@ -751,7 +752,9 @@ class Volume:
                 inode, st = self.inodes.remember(handle.inode, native_name, listed_st)
             except FileNotFoundError:
                 continue
-            if st is not listed_st and size is not None and not _same_file_state(st, listed_st):
+            if st is not listed_st and size is not None and (
+                native.Validators.of(st) != native.Validators.of(listed_st)
+            ):
                 size = None  # changed since it was listed: measured here, inline
             yield name, self._entry(inode, st, handle.view, size), position + 1
 
@@ -1164,14 +1167,3 @@ class Volume:
             self._drop_section(key)
         self._dir_handles.clear()
         self.inodes.close_all()
-
-
-def _same_file_state(a: os.stat_result, b: os.stat_result | None) -> bool:
-    """Whether two lstats of one file show the same content state (the size cache's
-    validators): a size known for one is true for the other."""
-    return (
-        b is not None
-        and a.st_size == b.st_size
-        and a.st_mtime_ns == b.st_mtime_ns
-        and a.st_ctime_ns == b.st_ctime_ns
-    )
