@@ -204,7 +204,12 @@ def scan_records(
 
 
 def pread_exact(fd: int, size: int, offset: int) -> bytes:
-    """Up to `size` bytes at `offset` (short only at end of file)."""
+    """Up to `size` bytes at `offset` (short only at end of file).
+
+    The read is first cut to what the file holds: os.pread allocates all it is asked for,
+    and a damaged index row may claim a 16 MiB record in a pack of a few KiB.
+    """
+    size = min(size, os.fstat(fd).st_size - offset)
     parts = []
     while size > 0:
         data = os.pread(fd, size, offset)
