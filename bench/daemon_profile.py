@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from daemon_cpu import daemon_pid
-from requests import Contender, _isofs_mount, contender_mount
+from requests import Contender, _isofs_mount, _minimal, contender_mount
 
 #: The mount options of the profiled mount: one view, every process the target view.
 ONE_VIEW = ("--default-view", "target", "--no-exec")
@@ -73,7 +73,7 @@ def components(raw: Path) -> tuple[int, int, collections.Counter[str]]:
         stack, _, count = line.rpartition(" ")
         frames = [(m.group(2), m.group(1)) if (m := FRAME.match(x)) else ("", x)
                   for x in stack.split(";")]  # fmt: skip
-        if not any(f.endswith("daemon/serve.py") for f, _ in frames):
+        if not any(f.endswith(("daemon/serve.py", "bench/minimal.py")) for f, _ in frames):
             continue  # another thread: the invalidator, idle workers
         if "get_events" in frames[-1][1] or "_epoll_wait" in frames[-1][1]:
             idle += int(count)
@@ -92,7 +92,10 @@ def components(raw: Path) -> tuple[int, int, collections.Counter[str]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--provider", choices=("passthrough", "encrypt"), default="passthrough")
+    parser.add_argument("--provider", choices=("none", "passthrough", "encrypt", "minimal"),
+                        default="passthrough",
+                        help="none: the source without a provider (run.py's isofs contender); "
+                        "minimal: the minimal pyfuse3 passthrough, for its request loop's share")
     parser.add_argument("--workload", choices=("create", "untar"), default="create")
     parser.add_argument("--files", type=int, default=5000)
     parser.add_argument("--tarball", type=Path,
@@ -105,7 +108,11 @@ def main() -> int:
     if not Path(args.py_spy).exists() and shutil.which(args.py_spy) is None:
         print(f"profile: py-spy not found ({args.py_spy}): pip install py-spy", file=sys.stderr)
         return 2
-    contender = Contender(args.provider, _isofs_mount(args.provider, *ONE_VIEW))
+    if args.provider == "minimal":
+        contender = Contender("minimal pyfuse3", _minimal)
+    else:
+        provider = None if args.provider == "none" else args.provider
+        contender = Contender(args.provider, _isofs_mount(provider, *ONE_VIEW))
     work = Path(tempfile.mkdtemp(prefix="isofs-profile-", dir=args.workdir))
     raw = args.raw or work / "raw.txt"
     try:

@@ -15,7 +15,7 @@ Operations, each N times (a fresh directory per contender):
   read:   a 4 KiB READ at a random offset of a 64 MiB file (one open handle)
   unlink: LOOKUP, UNLINK
 
-Usage: python bench/handlers.py [--n 3000] [--contenders minimal,passthrough,encrypt]
+Usage: python bench/handlers.py [--n 3000] [--contenders minimal,none,passthrough,encrypt]
        [--profile OP:CONTENDER]  (cProfile of that operation: the top functions by own
        time, and the whole profile in OP-CONTENDER.prof)
 """
@@ -89,6 +89,7 @@ def _minimal(src: Path) -> tuple[Any, Callable[[], None]]:
 
 CONTENDERS: dict[str, Callable[[Path], tuple[Any, Callable[[], None]]]] = {
     "minimal": _minimal,
+    "none": _isofs(Stack([])),  # no provider: what bench/run.py's `isofs` contender mounts
     "passthrough": _isofs(Stack([PassthroughLayer()])),
     "encrypt": _isofs(Stack([EncryptLayer(bytes(range(32)), encrypt_names=True)])),
 }
@@ -250,7 +251,7 @@ async def run_contender(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=3000)
-    parser.add_argument("--contenders", default="minimal,passthrough,encrypt")
+    parser.add_argument("--contenders", default="minimal,none,passthrough,encrypt")
     parser.add_argument("--repeat", type=int, default=3, help="runs; the best is shown (default 3)")
     parser.add_argument("--profile", metavar="OP:CONTENDER")
     parser.add_argument("--workdir", default=".")

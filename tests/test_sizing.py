@@ -151,9 +151,11 @@ async def test_a_single_stat_miss_is_measured_in_a_worker_thread(source: Path) -
         os.close(root_fd)
 
 
-async def test_a_file_changed_between_prepare_and_readdir_still_gets_its_size(
+async def test_a_file_changed_between_prepare_and_readdir_shows_one_consistent_state(
     source: Path,
 ) -> None:
+    """A listing is a snapshot: an entry's size belongs to the native stat it is shown with
+    (the one prepare_listing took), and the next getattr shows the file as it is now."""
     layer = ThreadRecordingLayer()
     volume, root_fd = make_volume(source, layer)
     try:
@@ -161,9 +163,15 @@ async def test_a_file_changed_between_prepare_and_readdir_still_gets_its_size(
         fh = volume.opendir(d, TARGET)
         await volume.prepare_listing(fh, 0)
         (source / "d" / "f03").write_bytes(encode(b"y" * 123))
-        sizes = {n: e.attr.size for n, e, _ in volume.readdir(fh, 0) if e is not None}
+        entries = {n: e for n, e, _ in volume.readdir(fh, 0) if e is not None}
         volume.releasedir(fh)
-        assert sizes["f03"] == 123 and sizes["f04"] == 40
+        header = len(encode(b""))
+        for name in ("f03", "f04"):
+            shown = entries[name].attr
+            assert shown.size == shown.native.st_size - header
+        assert entries["f04"].attr.size == 40
+        now = await volume.sized(lambda: volume.getattr(entries["f03"].nodeid, "target"))
+        assert now.attr.size == 123 and now.attr.native.st_size == 123 + header
     finally:
         volume.close()
         os.close(root_fd)

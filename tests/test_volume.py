@@ -31,7 +31,7 @@ from isofs.core.inodes import SHARED, VIEW_CODES, split_nodeid
 from isofs.core.pagecache import PageCache
 from isofs.core.sections import NativeFile
 from isofs.core.sizecache import SizeCache
-from isofs.core.volume import SHARED_TTL, Requester, Volume
+from isofs.core.volume import SHARED_TTL, Entry, Requester, Volume
 from isofs.provider import Stack
 from isofs.views.callers import Caller as ProcessCaller
 from isofs.views.callers import ResolverStatistics
@@ -788,6 +788,76 @@ def test_forget_releases_the_inode_and_its_descriptor(env: Env) -> None:
     again = vol.lookup(ROOT, "enc", TARGET)
     assert again.nodeid == t.nodeid
     vol.forget(again.nodeid, 1)
+
+
+# ------------------------------------------------- entries a listing hands out (lazy O_PATH)
+
+
+def listed_entries(vol: Volume, nodeid: int, caller: Requester) -> dict[str, Entry]:
+    """One readdirplus pass whose entries the kernel keeps (as pyfuse3 confirms them)."""
+    fh = vol.opendir(nodeid, caller)
+    kept = {}
+    for name, entry, _next in vol.readdir(fh, 0):
+        if entry is not None:
+            vol.confirm(entry)
+            kept[name] = entry
+    vol.releasedir(fh)
+    return kept
+
+
+def test_a_listed_entry_opens_its_descriptor_only_when_used(env: Env) -> None:
+    vol = env.vol
+    d = nid(vol, "d", NATIVE)
+    fds = open_fds()
+    entries = listed_entries(vol, d, NATIVE)
+    inner = entries["inner"].inode
+    assert inner.fd == -1 and open_fds() == fds  # a listing holds no descriptor per entry
+    assert vol.getattr(entries["inner"].nodeid, "native").attr.size == len(b"inner") + HEADER_SIZE
+    assert inner.fd >= 0 and fd_is_open(inner.fd)
+    assert native.fstat(inner.fd).st_ino == (env.src / "d" / "inner").stat().st_ino
+
+
+def test_a_listed_entry_renamed_through_the_mount_keeps_its_file(env: Env) -> None:
+    vol = env.vol
+    d = nid(vol, "d", NATIVE)
+    entry = listed_entries(vol, d, NATIVE)["inner"]
+    assert entry.inode.fd == -1
+    vol.rename(d, "inner", ROOT, "moved", 0, NATIVE)
+    assert vol.getattr(entry.nodeid, "native").attr.size == len(b"inner") + HEADER_SIZE
+    assert vol.lookup(ROOT, "moved", NATIVE).inode is entry.inode
+
+
+def test_a_listed_entry_unlinked_through_the_mount_still_answers(env: Env) -> None:
+    vol = env.vol
+    entry = listed_entries(vol, ROOT, NATIVE)["plain"]
+    assert entry.inode.fd == -1
+    vol.unlink(ROOT, "plain", NATIVE)
+    assert vol.getattr(entry.nodeid, "native").attr.nlink == 0  # as an O_PATH handle does
+
+
+def test_a_listed_entry_replaced_behind_the_mount_is_stale(env: Env) -> None:
+    vol = env.vol
+    entry = listed_entries(vol, ROOT, NATIVE)["plain"]
+    (env.src / "plain").rename(env.src / "elsewhere")
+    (env.src / "plain").write_bytes(b"another file")
+    with pytest.raises(OSError) as caught:
+        vol.getattr(entry.nodeid, "native")
+    assert caught.value.errno == errno.ESTALE
+    # the name, looked up again, is the new file
+    assert vol.lookup(ROOT, "plain", NATIVE).attr.size == len(b"another file")
+
+
+def test_a_directory_kept_for_an_unopened_entry_is_released_with_it(env: Env) -> None:
+    vol = env.vol
+    before = len(vol.inodes)
+    d = vol.lookup(ROOT, "d", NATIVE)
+    entry = listed_entries(vol, d.nodeid, NATIVE)["inner"]
+    vol.forget(d.nodeid, 1)  # the kernel forgets the directory first: it stays for its entry
+    assert vol.inodes.find(d.inode.number) is d.inode
+    dir_fd = d.inode.fd
+    vol.forget(entry.nodeid, 1)
+    assert len(vol.inodes) == before
+    assert not fd_is_open(dir_fd)
 
 
 async def test_open_handle_keeps_inode_after_forget(env: Env) -> None:

@@ -4,6 +4,9 @@ A native file is one logical inode however many names (hard links) reach it, bec
 table is keyed by the native (st_dev, st_ino). Each logical inode holds an O_PATH descriptor
 on its native file while the kernel remembers it (lookup count > 0) or a handle is open, so
 all later operations are *at() calls on that descriptor, immune to renames and to long paths.
+An entry a listing hands out is the exception: most are never used beyond the attributes the
+listing carried, so its descriptor is opened on first use, from the directory and the name it
+was listed under (a listing costs one fstatat per entry, not three syscalls).
 
 Nodeids carry the view: ``nodeid = number << 2 | code``. Code 1 (SHARED) is the one nodeid of
 objects that look the same in every view (directories, symlinks, identical files); codes 2 and
@@ -17,9 +20,12 @@ another device (a mount inside the source) gets a number from a private range in
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -30,6 +36,8 @@ VIEW_CODES: dict[str, int] = {"native": 2, "target": 3}
 CODE_VIEWS: dict[int, str] = {code: view for view, code in VIEW_CODES.items()}
 ROOT_NUMBER = 0
 _PRIVATE_NUMBERS = 1 << 61
+
+log = logging.getLogger(__name__)
 
 
 def make_nodeid(number: int, code: int) -> int:
@@ -46,7 +54,8 @@ class Inode:
 
     number: int
     key: tuple[int, int]
-    path_fd: int
+    #: The O_PATH descriptor, or -1 while it is still to be opened (see `listed_in`).
+    fd: int
     mode: int
     lookups: dict[int, int] = field(default_factory=dict)
     open_handles: int = 0
@@ -56,6 +65,19 @@ class Inode:
     #: A symlink's stored target once a transformed view read it: a symlink's target never
     #: changes, and each native readlink could move its atime (which is then put back).
     link_target: bytes | None = None
+    #: Where an inode without a descriptor yet was listed: (its table, directory, native name).
+    listed_in: tuple[InodeTable, Inode, str] | None = None
+    #: Children listed here whose descriptors are still to be opened from this directory's.
+    unopened_children: int = 0
+
+    @property
+    def path_fd(self) -> int:
+        """The O_PATH descriptor, opened now if a listing handed this inode out without one."""
+        fd = self.fd
+        if fd < 0:
+            assert self.listed_in is not None
+            fd = self.listed_in[0].open_listed(self)
+        return fd
 
     @property
     def is_dir(self) -> bool:
@@ -71,7 +93,7 @@ class Inode:
 
     @property
     def in_use(self) -> bool:
-        return self.open_handles > 0 or any(self.lookups.values())
+        return self.open_handles > 0 or self.unopened_children > 0 or any(self.lookups.values())
 
     def nodeids(self) -> Iterator[int]:
         """Nodeids the kernel currently knows for this inode."""
@@ -91,6 +113,10 @@ class InodeTable:
         self._by_number: dict[int, Inode] = {ROOT_NUMBER: self._root}
         self._by_key: dict[tuple[int, int], Inode] = {self._root.key: self._root}
         self._next_private = _PRIVATE_NUMBERS
+        #: (directory number, native name) -> the inode listed there without a descriptor.
+        self._unopened: dict[tuple[int, str], Inode] = {}
+        self._opening = threading.RLock()  # reentrant: a listed directory opens first; worker
+        # threads (size measurement) open them too
 
     @property
     def root(self) -> Inode:
@@ -117,12 +143,13 @@ class InodeTable:
         return self.get(number), code
 
     def remember(
-        self, parent: Inode, name: str, st: os.stat_result | None = None
+        self, parent: Inode, name: str, st: os.stat_result | None = None, listed: bool = False
     ) -> tuple[Inode, os.stat_result]:
         """The inode behind `name` in `parent`, opening an O_PATH handle if it is new.
 
         A known file costs one fstatat; a new one an fstatat, an openat and an fstat (the
-        second stat guards against the name being replaced between the two calls).
+        second stat guards against the name being replaced between the two calls). A new
+        `listed` one (a readdirplus entry) defers the openat and fstat to its first use.
         """
         if st is None:
             st = native.stat_at(parent.path_fd, name)
@@ -130,6 +157,14 @@ class InodeTable:
         if known is not None:
             known.mode = st.st_mode
             return known, st
+        if listed and (parent.number, name) not in self._unopened:
+            inode = Inode(self._number_for(st), (st.st_dev, st.st_ino), -1, st.st_mode)
+            inode.listed_in = (self, parent, name)
+            parent.unopened_children += 1
+            self._unopened[(parent.number, name)] = inode
+            self._by_number[inode.number] = inode
+            self._by_key[inode.key] = inode
+            return inode, st
         fd = native.open_path(parent.path_fd, name)
         try:
             st = native.fstat(fd)
@@ -146,6 +181,58 @@ class InodeTable:
         self._by_number[inode.number] = inode
         self._by_key[key] = inode
         return inode, st
+
+    def open_listed(self, inode: Inode) -> int:
+        """Open the descriptor of an inode a listing handed out, from where it was listed.
+
+        The name must still lead to the same native file: one renamed or removed behind
+        the mount's back since is ESTALE (the kernel looks its name up again).
+        """
+        with self._opening:
+            if inode.fd >= 0:
+                return inode.fd
+            assert inode.listed_in is not None
+            _, parent, name = inode.listed_in
+            try:
+                fd = native.open_path(parent.path_fd, name)
+            except FileNotFoundError:
+                fd = -1
+            if fd >= 0:
+                try:
+                    st = native.fstat(fd)
+                except OSError:
+                    os.close(fd)
+                    raise
+                if (st.st_dev, st.st_ino) != inode.key:
+                    os.close(fd)
+                    fd = -1
+            if fd < 0:
+                log.info("%r in directory inode %d changed behind the mount since it was "
+                         "listed", name, parent.number)  # fmt: skip
+                raise OSError(errno.ESTALE, f"{name!r} changed since it was listed")
+            inode.fd = fd
+            self._forget_listing(inode)
+            return fd
+
+    def open_listed_name(self, parent: Inode, name: str) -> None:
+        """Before `name` in `parent` is renamed or removed through the mount: an inode
+        listed under it opens its descriptor now, so it keeps its file wherever it goes."""
+        inode = self._unopened.get((parent.number, name))
+        if inode is not None:
+            # A name that leads elsewhere already leaves the inode stale either way.
+            with contextlib.suppress(OSError):
+                self.open_listed(inode)
+
+    def _forget_listing(self, inode: Inode) -> Inode | None:
+        """Drop where an unopened inode was listed; returns that directory."""
+        if inode.listed_in is None:
+            return None
+        _, parent, name = inode.listed_in
+        inode.listed_in = None
+        parent.unopened_children -= 1
+        if self._unopened.get((parent.number, name)) is inode:
+            del self._unopened[(parent.number, name)]
+        return parent
 
     def _number_for(self, st: os.stat_result) -> int:
         own_device = st.st_dev == self._root.key[0]
@@ -180,20 +267,26 @@ class InodeTable:
             inode.lookups.pop(code, None)
         return inode
 
-    def release_if_unused(self, inode: Inode) -> bool:
-        """Close the O_PATH handle of an inode no one references any more."""
-        if inode is self._root or inode.in_use:
-            return False
-        if self._by_number.pop(inode.number, None) is None:
-            return False
-        self._by_key.pop(inode.key, None)
-        os.close(inode.path_fd)
-        return True
+    def release_if_unused(self, inode: Inode) -> list[Inode]:
+        """Close the O_PATH handle of an inode no one references any more; returns the
+        inodes released: it, and the directories kept only for an unopened entry of theirs."""
+        released: list[Inode] = []
+        candidate: Inode | None = inode
+        while candidate is not None and candidate is not self._root and not candidate.in_use:
+            if self._by_number.pop(candidate.number, None) is None:
+                break
+            self._by_key.pop(candidate.key, None)
+            if candidate.fd >= 0:
+                os.close(candidate.fd)
+            released.append(candidate)
+            candidate = self._forget_listing(candidate)
+        return released
 
     def close_all(self) -> None:
         """Release every handle (unmount): the kernel has forgotten everything by then."""
         for inode in list(self._by_number.values()):
-            if inode is not self._root:
-                os.close(inode.path_fd)
+            if inode is not self._root and inode.fd >= 0:
+                os.close(inode.fd)
         self._by_number = {ROOT_NUMBER: self._root}
         self._by_key = {self._root.key: self._root}
+        self._unopened = {}

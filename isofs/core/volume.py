@@ -58,21 +58,37 @@ DIRECTORY_MEASURE_SECONDS = 2.0
 MAX_IDLE_SECTIONS = 256
 
 
-@dataclass(slots=True)
 class Attributes:
-    """What stat() shows through the mount for one (file, view)."""
+    """What stat() shows through the mount for one (file, view): the native lstat, with the
+    size the view shows. It keeps the stat result rather than copying its fields (this is
+    built for every entry of every listing and lookup)."""
 
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    rdev: int
-    size: int
-    blocks: int
-    blksize: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
+    __slots__ = ("native", "size")
+
+    def __init__(self, native_stat: os.stat_result, size: int) -> None:
+        self.native = native_stat
+        self.size = size
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Attributes)
+            and self.size == other.size
+            and self.native == other.native
+        )
+
+    def __repr__(self) -> str:
+        return f"Attributes(mode={self.mode:o}, size={self.size}, mtime_ns={self.mtime_ns})"
+
+    mode = property(lambda self: self.native.st_mode)
+    nlink = property(lambda self: self.native.st_nlink)
+    uid = property(lambda self: self.native.st_uid)
+    gid = property(lambda self: self.native.st_gid)
+    rdev = property(lambda self: self.native.st_rdev)
+    blocks = property(lambda self: self.native.st_blocks)
+    blksize = property(lambda self: self.native.st_blksize)
+    atime_ns = property(lambda self: self.native.st_atime_ns)
+    mtime_ns = property(lambda self: self.native.st_mtime_ns)
+    ctime_ns = property(lambda self: self.native.st_ctime_ns)
 
 
 @dataclass(slots=True)
@@ -246,19 +262,7 @@ class Volume:
             size = self.logical_size(inode, st, view, listed_size)
         elif inode.is_symlink and self._names_for(view) is not None:
             size = len(self._link_target(inode, view))
-        return Attributes(
-            mode=st.st_mode,
-            nlink=st.st_nlink,
-            uid=st.st_uid,
-            gid=st.st_gid,
-            rdev=st.st_rdev,
-            size=size,
-            blocks=st.st_blocks,
-            blksize=st.st_blksize,
-            atime_ns=st.st_atime_ns,
-            mtime_ns=st.st_mtime_ns,
-            ctime_ns=st.st_ctime_ns,
-        )
+        return Attributes(st, size)
 
     def logical_size(
         self, inode: Inode, st: os.stat_result, view: str, listed_size: int | None = None
@@ -604,12 +608,14 @@ class Volume:
     def unlink(self, parent_nodeid: int, name: str, caller: Requester) -> None:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         native_name = self._existing(parent, name, caller.view)
+        self.inodes.open_listed_name(parent, native_name)
         os.unlink(native_name, dir_fd=parent.path_fd)
         self._gone(parent, native_name, caller.view)
 
     def rmdir(self, parent_nodeid: int, name: str, caller: Requester) -> None:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         native_name = self._existing(parent, name, caller.view)
+        self.inodes.open_listed_name(parent, native_name)
         names = self._names_for(caller.view)
         # Natively the directory still holds its key file: it is emptied first.
         emptied = nullcontext() if names is None else names.emptied(parent.path_fd, native_name)
@@ -633,6 +639,8 @@ class Volume:
             new_native = self._existing(new_parent, new_name, caller.view)
         else:
             new_native = self._new(new_parent, new_name, caller.view)
+        self.inodes.open_listed_name(old_parent, old_native)
+        self.inodes.open_listed_name(new_parent, new_native)  # replaced or exchanged
         names = self._names_for(caller.view)
         try:
             replacing: AbstractContextManager[None] = nullcontext()
@@ -749,7 +757,9 @@ class Volume:
             name, native_name = handle.names[position - 2]
             listed_st, size = handle.listed.pop(native_name, (None, None))
             try:
-                inode, st = self.inodes.remember(handle.inode, native_name, listed_st)
+                inode, st = self.inodes.remember(
+                    handle.inode, native_name, listed_st, listed=True
+                )
             except FileNotFoundError:
                 continue
             if st is not listed_st and size is not None and (
@@ -1102,12 +1112,12 @@ class Volume:
         read of that view a cache hit. Keeping them is safe: a section's open descriptor pins
         the native inode, so its number cannot be reused for another file meanwhile.
         """
-        if self.inodes.release_if_unused(inode):
+        for released in self.inodes.release_if_unused(inode):
             if self.names is not None:
-                self.names.forget(inode.number)
+                self.names.forget(released.number)
             for view in self.views:
-                if (inode.number, view) in self.sections:
-                    self._idle_sections[(inode.number, view)] = None
+                if (released.number, view) in self.sections:
+                    self._idle_sections[(released.number, view)] = None
             while len(self._idle_sections) > MAX_IDLE_SECTIONS:
                 key, _ = self._idle_sections.popitem(last=False)
                 section = self.sections.get(key)

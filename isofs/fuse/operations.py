@@ -79,22 +79,22 @@ def _short(value: Any) -> str:
 
 def _fill(entry: Entry) -> pyfuse3.EntryAttributes:
     out = pyfuse3.EntryAttributes()
-    attr = entry.attr
+    st = entry.attr.native
     out.st_ino = entry.nodeid
     out.generation = 0
     out.entry_timeout = entry.entry_timeout
     out.attr_timeout = entry.attr_timeout
-    out.st_mode = attr.mode
-    out.st_nlink = attr.nlink
-    out.st_uid = attr.uid
-    out.st_gid = attr.gid
-    out.st_rdev = attr.rdev
-    out.st_size = attr.size
-    out.st_blocks = attr.blocks
-    out.st_blksize = attr.blksize
-    out.st_atime_ns = attr.atime_ns
-    out.st_mtime_ns = attr.mtime_ns
-    out.st_ctime_ns = attr.ctime_ns
+    out.st_mode = st.st_mode
+    out.st_nlink = st.st_nlink
+    out.st_uid = st.st_uid
+    out.st_gid = st.st_gid
+    out.st_rdev = st.st_rdev
+    out.st_size = entry.attr.size
+    out.st_blocks = st.st_blocks
+    out.st_blksize = st.st_blksize
+    out.st_atime_ns = st.st_atime_ns
+    out.st_mtime_ns = st.st_mtime_ns
+    out.st_ctime_ns = st.st_ctime_ns
     return out
 
 
