@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -118,3 +120,54 @@ def test_with_encrypted_names_a_name_of_one_view_is_never_remembered_as_missing(
         assert not exists_in(view, mount.at("in-no-view"))
     # each process walks "/" (the mount root) fresh, but the missing name costs one lookup
     assert lookups(mount) - before <= 2
+
+
+# ------------------------------------------- listed entries (their descriptor opened on use)
+
+LIST = """import os, sys
+with os.scandir(sys.argv[1]) as it:
+    print(sorted((e.name, e.stat().st_size) for e in it))"""
+READ = "import sys; sys.stdout.write(open(sys.argv[1]).read())"
+
+
+def in_process(code: str, *args: object) -> str:
+    """Run `code` in a separate process (views and kernel caches are per request, not per
+    test process) and return what it printed."""
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def cached_mount(mount_factory) -> Mount:  # type: ignore[no-untyped-def]
+    """A one-view mount whose names and attributes the kernel keeps for a minute: what the
+    kernel holds from a listing is what the next process uses, without asking again."""
+    return mount_factory(None, None, "--default-view", "target", "--no-exec",
+                         "--entry-timeout", "60", "--attr-timeout", "60")  # fmt: skip
+
+
+def test_a_listed_file_renamed_and_unlinked_through_the_mount(mount_factory) -> None:
+    mount = cached_mount(mount_factory)
+    (mount.at("d")).mkdir()
+    for name in ("a", "b"):
+        mount.src("d", name).write_text(f"content of {name}")
+    assert "('a', 12)" in in_process(LIST, mount.at("d"))
+    in_process("import os, sys; os.rename(sys.argv[1], sys.argv[2])",
+               mount.at("d", "a"), mount.at("moved"))  # fmt: skip
+    assert in_process(READ, mount.at("moved")) == "content of a"
+    assert mount.src("moved").read_text() == "content of a"
+    in_process("import os, sys; os.unlink(sys.argv[1])", mount.at("d", "b"))
+    assert not mount.src("d", "b").exists()
+    assert in_process(LIST, mount.at("d")) == "[]\n"
+
+
+def test_a_listed_file_replaced_behind_the_mount_reads_the_new_file(mount_factory) -> None:
+    """The kernel still holds the listed name (entry timeout 60 s); its first use finds the
+    name leads to another file now, answers ESTALE, and the kernel looks the name up again."""
+    mount = cached_mount(mount_factory)
+    mount.src("f").write_text("the first file")
+    assert "('f', 14)" in in_process(LIST, mount.mnt)
+    mount.src("f").rename(mount.src("old"))
+    mount.src("f").write_text("the file there now")
+    assert in_process(READ, mount.at("f")) == "the file there now"
+    assert in_process(READ, mount.at("old")) == "the first file"
