@@ -805,13 +805,15 @@ def listed_entries(vol: Volume, nodeid: int, caller: Requester) -> dict[str, Ent
     return kept
 
 
-def test_a_listed_entry_opens_its_descriptor_only_when_used(env: Env) -> None:
+def test_a_looked_up_or_listed_inode_opens_its_descriptor_only_when_used(env: Env) -> None:
     vol = env.vol
-    d = nid(vol, "d", NATIVE)
+    d = vol.lookup(ROOT, "d", NATIVE)
+    assert d.inode.fd == -1  # a stat needs nothing but the lookup's attributes
     fds = open_fds()
-    entries = listed_entries(vol, d, NATIVE)
+    entries = listed_entries(vol, d.nodeid, NATIVE)
+    assert d.inode.fd >= 0  # the listing needed the directory itself
     inner = entries["inner"].inode
-    assert inner.fd == -1 and open_fds() == fds  # a listing holds no descriptor per entry
+    assert inner.fd == -1 and len(open_fds()) == len(fds) + 1  # the directory's, none per entry
     assert vol.getattr(entries["inner"].nodeid, "native").attr.size == len(b"inner") + HEADER_SIZE
     assert inner.fd >= 0 and fd_is_open(inner.fd)
     assert native.fstat(inner.fd).st_ino == (env.src / "d" / "inner").stat().st_ino
@@ -845,6 +847,17 @@ def test_a_listed_entry_replaced_behind_the_mount_is_stale(env: Env) -> None:
     assert caught.value.errno == errno.ESTALE
     # the name, looked up again, is the new file
     assert vol.lookup(ROOT, "plain", NATIVE).attr.size == len(b"another file")
+
+
+async def test_an_unopened_inode_found_under_another_name_opens_from_there(env: Env) -> None:
+    vol = env.vol
+    entry = listed_entries(vol, ROOT, NATIVE)["plain"]
+    (env.src / "plain").rename(env.src / "d" / "renamed")  # behind the mount
+    d = vol.lookup(ROOT, "d", NATIVE)
+    again = vol.lookup(d.nodeid, "renamed", NATIVE)
+    assert again.inode is entry.inode and entry.inode.fd == -1
+    assert await open_read(vol, entry.nodeid, NATIVE) == b"hello plain"
+    assert vol.getattr(entry.nodeid, "native").attr.size == len(b"hello plain")
 
 
 def test_a_directory_kept_for_an_unopened_entry_is_released_with_it(env: Env) -> None:

@@ -4,9 +4,9 @@ A native file is one logical inode however many names (hard links) reach it, bec
 table is keyed by the native (st_dev, st_ino). Each logical inode holds an O_PATH descriptor
 on its native file while the kernel remembers it (lookup count > 0) or a handle is open, so
 all later operations are *at() calls on that descriptor, immune to renames and to long paths.
-An entry a listing hands out is the exception: most are never used beyond the attributes the
-listing carried, so its descriptor is opened on first use, from the directory and the name it
-was listed under (a listing costs one fstatat per entry, not three syscalls).
+The descriptor is opened on first use, from the directory and the name the file was found
+under: most files the kernel learns from a listing or a stat are never used beyond the
+attributes it was given (a listing costs one fstatat per entry, not three syscalls).
 
 Nodeids carry the view: ``nodeid = number << 2 | code``. Code 1 (SHARED) is the one nodeid of
 objects that look the same in every view (directories, symlinks, identical files); codes 2 and
@@ -26,7 +26,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from isofs.core import native
@@ -54,7 +54,7 @@ class Inode:
 
     number: int
     key: tuple[int, int]
-    #: The O_PATH descriptor, or -1 while it is still to be opened (see `listed_in`).
+    #: The O_PATH descriptor, or -1 while it is still to be opened (see `found_in`).
     fd: int
     mode: int
     lookups: dict[int, int] = field(default_factory=dict)
@@ -65,18 +65,18 @@ class Inode:
     #: A symlink's stored target once a transformed view read it: a symlink's target never
     #: changes, and each native readlink could move its atime (which is then put back).
     link_target: bytes | None = None
-    #: Where an inode without a descriptor yet was listed: (its table, directory, native name).
-    listed_in: tuple[InodeTable, Inode, str] | None = None
-    #: Children listed here whose descriptors are still to be opened from this directory's.
+    #: Where an inode without a descriptor yet was found: (its table, directory, native name).
+    found_in: tuple[InodeTable, Inode, str] | None = None
+    #: Children found here whose descriptors are still to be opened from this directory's.
     unopened_children: int = 0
 
     @property
     def path_fd(self) -> int:
-        """The O_PATH descriptor, opened now if a listing handed this inode out without one."""
+        """The O_PATH descriptor, opened now if the inode has none yet."""
         fd = self.fd
         if fd < 0:
-            assert self.listed_in is not None
-            fd = self.listed_in[0].open_listed(self)
+            assert self.found_in is not None
+            fd = self.found_in[0].open_found(self)
         return fd
 
     @property
@@ -105,7 +105,10 @@ class Inode:
 class InodeTable:
     """All inodes the kernel or an open handle references; released at unmount."""
 
-    def __init__(self, root_fd: int) -> None:
+    def __init__(self, root_fd: int, on_release: Callable[[Inode], None] = lambda _: None) -> None:
+        #: Called for every inode released, whatever released it (the volume drops what it
+        #: keeps by inode number).
+        self.on_release = on_release
         root_stat = native.fstat(root_fd)
         self._root = Inode(
             ROOT_NUMBER, (root_stat.st_dev, root_stat.st_ino), root_fd, root_stat.st_mode
@@ -113,9 +116,9 @@ class InodeTable:
         self._by_number: dict[int, Inode] = {ROOT_NUMBER: self._root}
         self._by_key: dict[tuple[int, int], Inode] = {self._root.key: self._root}
         self._next_private = _PRIVATE_NUMBERS
-        #: (directory number, native name) -> the inode listed there without a descriptor.
+        #: (directory number, native name) -> the inode found there without a descriptor yet.
         self._unopened: dict[tuple[int, str], Inode] = {}
-        self._opening = threading.RLock()  # reentrant: a listed directory opens first; worker
+        self._opening = threading.RLock()  # reentrant: an unopened directory opens first; worker
         # threads (size measurement) open them too
 
     @property
@@ -143,23 +146,26 @@ class InodeTable:
         return self.get(number), code
 
     def remember(
-        self, parent: Inode, name: str, st: os.stat_result | None = None, listed: bool = False
+        self, parent: Inode, name: str, st: os.stat_result | None = None
     ) -> tuple[Inode, os.stat_result]:
-        """The inode behind `name` in `parent`, opening an O_PATH handle if it is new.
+        """The inode behind `name` in `parent` (`st`: its lstat, when the caller has one).
 
-        A known file costs one fstatat; a new one an fstatat, an openat and an fstat (the
-        second stat guards against the name being replaced between the two calls). A new
-        `listed` one (a readdirplus entry) defers the openat and fstat to its first use.
+        A known or a new file costs one fstatat: a new one's O_PATH descriptor is opened on
+        first use (`Inode.path_fd`), most never are (a listed or stat'ed file). Only when
+        another unopened inode was found under the same name (replaced behind the mount) is
+        it opened now, an openat and an fstat that guards against the name changing again.
         """
         if st is None:
             st = native.stat_at(parent.path_fd, name)
         known = self._by_key.get((st.st_dev, st.st_ino))
         if known is not None:
             known.mode = st.st_mode
+            if known.found_in is not None and known.found_in[1:] != (parent, name):
+                self._found_again(known, parent, name)
             return known, st
-        if listed and (parent.number, name) not in self._unopened:
+        if (parent.number, name) not in self._unopened:
             inode = Inode(self._number_for(st), (st.st_dev, st.st_ino), -1, st.st_mode)
-            inode.listed_in = (self, parent, name)
+            inode.found_in = (self, parent, name)
             parent.unopened_children += 1
             self._unopened[(parent.number, name)] = inode
             self._by_number[inode.number] = inode
@@ -182,8 +188,8 @@ class InodeTable:
         self._by_key[key] = inode
         return inode, st
 
-    def open_listed(self, inode: Inode) -> int:
-        """Open the descriptor of an inode a listing handed out, from where it was listed.
+    def open_found(self, inode: Inode) -> int:
+        """Open the descriptor of an inode that has none yet, from where it was found.
 
         The name must still lead to the same native file: one renamed or removed behind
         the mount's back since is ESTALE (the kernel looks its name up again).
@@ -191,8 +197,8 @@ class InodeTable:
         with self._opening:
             if inode.fd >= 0:
                 return inode.fd
-            assert inode.listed_in is not None
-            _, parent, name = inode.listed_in
+            assert inode.found_in is not None
+            _, parent, name = inode.found_in
             try:
                 fd = native.open_path(parent.path_fd, name)
             except FileNotFoundError:
@@ -208,27 +214,40 @@ class InodeTable:
                     fd = -1
             if fd < 0:
                 log.info("%r in directory inode %d changed behind the mount since it was "
-                         "listed", name, parent.number)  # fmt: skip
-                raise OSError(errno.ESTALE, f"{name!r} changed since it was listed")
+                         "found", name, parent.number)  # fmt: skip
+                raise OSError(errno.ESTALE, f"{name!r} changed since it was found")
             inode.fd = fd
-            self._forget_listing(inode)
+            self._forget_where_found(inode)
             return fd
 
-    def open_listed_name(self, parent: Inode, name: str) -> None:
+    def open_found_under(self, parent: Inode, name: str) -> None:
         """Before `name` in `parent` is renamed or removed through the mount: an inode
-        listed under it opens its descriptor now, so it keeps its file wherever it goes."""
+        found under it opens its descriptor now, so it keeps its file wherever it goes."""
         inode = self._unopened.get((parent.number, name))
         if inode is not None:
             # A name that leads elsewhere already leaves the inode stale either way.
             with contextlib.suppress(OSError):
-                self.open_listed(inode)
+                self.open_found(inode)
 
-    def _forget_listing(self, inode: Inode) -> Inode | None:
-        """Drop where an unopened inode was listed; returns that directory."""
-        if inode.listed_in is None:
+    def _found_again(self, inode: Inode, parent: Inode, name: str) -> None:
+        """An unopened inode was just found under another name (a hard link, a rename
+        behind the mount, its number reused by a new file): open it from there, the name
+        known to lead to it now."""
+        if (parent.number, name) in self._unopened:
+            return  # another unopened inode was found there: keep the name it had
+        before = self._forget_where_found(inode)
+        inode.found_in = (self, parent, name)
+        parent.unopened_children += 1
+        self._unopened[(parent.number, name)] = inode
+        if before is not None:
+            self.release_if_unused(before)  # it may have been kept only for this inode
+
+    def _forget_where_found(self, inode: Inode) -> Inode | None:
+        """Drop where an unopened inode was found; returns that directory."""
+        if inode.found_in is None:
             return None
-        _, parent, name = inode.listed_in
-        inode.listed_in = None
+        _, parent, name = inode.found_in
+        inode.found_in = None
         parent.unopened_children -= 1
         if self._unopened.get((parent.number, name)) is inode:
             del self._unopened[(parent.number, name)]
@@ -269,7 +288,8 @@ class InodeTable:
 
     def release_if_unused(self, inode: Inode) -> list[Inode]:
         """Close the O_PATH handle of an inode no one references any more; returns the
-        inodes released: it, and the directories kept only for an unopened entry of theirs."""
+        inodes released: it, and the directories kept only for an unopened entry of theirs
+        (each also passed to `on_release`)."""
         released: list[Inode] = []
         candidate: Inode | None = inode
         while candidate is not None and candidate is not self._root and not candidate.in_use:
@@ -279,7 +299,8 @@ class InodeTable:
             if candidate.fd >= 0:
                 os.close(candidate.fd)
             released.append(candidate)
-            candidate = self._forget_listing(candidate)
+            self.on_release(candidate)
+            candidate = self._forget_where_found(candidate)
         return released
 
     def close_all(self) -> None:

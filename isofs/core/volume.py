@@ -176,7 +176,7 @@ class Volume:
         read_only: bool = False,
         timeouts: Timeouts | None = None,
     ) -> None:
-        self.inodes = InodeTable(root_fd)
+        self.inodes = InodeTable(root_fd, on_release=self._inode_released)
         self.timeouts = timeouts or Timeouts()
         #: A read-only mount writes nothing to the source, not even a time put back.
         self.read_only = read_only
@@ -608,14 +608,14 @@ class Volume:
     def unlink(self, parent_nodeid: int, name: str, caller: Requester) -> None:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         native_name = self._existing(parent, name, caller.view)
-        self.inodes.open_listed_name(parent, native_name)
+        self.inodes.open_found_under(parent, native_name)
         os.unlink(native_name, dir_fd=parent.path_fd)
         self._gone(parent, native_name, caller.view)
 
     def rmdir(self, parent_nodeid: int, name: str, caller: Requester) -> None:
         parent, _ = self.inodes.by_nodeid(parent_nodeid)
         native_name = self._existing(parent, name, caller.view)
-        self.inodes.open_listed_name(parent, native_name)
+        self.inodes.open_found_under(parent, native_name)
         names = self._names_for(caller.view)
         # Natively the directory still holds its key file: it is emptied first.
         emptied = nullcontext() if names is None else names.emptied(parent.path_fd, native_name)
@@ -639,8 +639,8 @@ class Volume:
             new_native = self._existing(new_parent, new_name, caller.view)
         else:
             new_native = self._new(new_parent, new_name, caller.view)
-        self.inodes.open_listed_name(old_parent, old_native)
-        self.inodes.open_listed_name(new_parent, new_native)  # replaced or exchanged
+        self.inodes.open_found_under(old_parent, old_native)
+        self.inodes.open_found_under(new_parent, new_native)  # replaced or exchanged
         names = self._names_for(caller.view)
         try:
             replacing: AbstractContextManager[None] = nullcontext()
@@ -757,9 +757,7 @@ class Volume:
             name, native_name = handle.names[position - 2]
             listed_st, size = handle.listed.pop(native_name, (None, None))
             try:
-                inode, st = self.inodes.remember(
-                    handle.inode, native_name, listed_st, listed=True
-                )
+                inode, st = self.inodes.remember(handle.inode, native_name, listed_st)
             except FileNotFoundError:
                 continue
             if st is not listed_st and size is not None and (
@@ -1023,7 +1021,8 @@ class Volume:
             )
         try:
             self._give_to_caller(parent, native_name, caller, mode)
-            entry = self._remember_entry(parent, native_name, caller.view)
+            # The stat of the descriptor just made, not of the name (which could change).
+            entry = self._remember_entry(parent, native_name, caller.view, native.fstat(fd))
         except BaseException:
             os.close(fd)
             raise
@@ -1036,7 +1035,7 @@ class Volume:
             entry = self._entry(inode, st, caller.view)
             inode.kernel_seen[entry.code] = native.Validators.of(st)
         else:
-            inode.kernel_seen[entry.code] = native.Validators.of(native.fstat(inode.path_fd))
+            inode.kernel_seen[entry.code] = native.Validators.of(entry.attr.native)
         fh = self._new_handle(inode, caller.view, entry.code, fd, flags, section)
         return fh, entry
 
@@ -1112,17 +1111,21 @@ class Volume:
         read of that view a cache hit. Keeping them is safe: a section's open descriptor pins
         the native inode, so its number cannot be reused for another file meanwhile.
         """
-        for released in self.inodes.release_if_unused(inode):
-            if self.names is not None:
-                self.names.forget(released.number)
-            for view in self.views:
-                if (released.number, view) in self.sections:
-                    self._idle_sections[(released.number, view)] = None
-            while len(self._idle_sections) > MAX_IDLE_SECTIONS:
-                key, _ = self._idle_sections.popitem(last=False)
-                section = self.sections.get(key)
-                if section is not None and not section.handles and not section.dirty:
-                    self._drop_section(key)
+        self.inodes.release_if_unused(inode)
+
+    def _inode_released(self, inode: Inode) -> None:
+        """The table let an inode go (`_release_inode`, or a directory kept only for a
+        child it had not opened): what is kept by its number goes or turns idle."""
+        if self.names is not None:
+            self.names.forget(inode.number)
+        for view in self.views:
+            if (inode.number, view) in self.sections:
+                self._idle_sections[(inode.number, view)] = None
+        while len(self._idle_sections) > MAX_IDLE_SECTIONS:
+            key, _ = self._idle_sections.popitem(last=False)
+            section = self.sections.get(key)
+            if section is not None and not section.handles and not section.dirty:
+                self._drop_section(key)
 
     async def flush_all(self) -> None:
         """Write back every section (periodically and before unmount)."""
