@@ -860,6 +860,26 @@ async def test_an_unopened_inode_found_under_another_name_opens_from_there(env: 
     assert vol.getattr(entry.nodeid, "native").attr.size == len(b"hello plain")
 
 
+async def test_create_write_close_through_a_native_handle_opens_no_o_path(env: Env) -> None:
+    """What the kernel sends for open(O_CREAT) + write + close (CREATE, GETXATTR of
+    security.capability, WRITE, FLUSH, RELEASE) is served from the handle's descriptor."""
+    vol = env.vol
+    fh, entry = await vol.create(ROOT, "fresh", 0o644, os.O_WRONLY | os.O_CREAT, NATIVE)
+    os.setxattr(env.src / "fresh", "user.tag", b"t")
+    with pytest.raises(OSError) as caught:
+        vol.getxattr(entry.nodeid, b"security.capability", "native")
+    assert caught.value.errno == errno.ENODATA
+    assert vol.getxattr(entry.nodeid, b"user.tag", "native") == b"t"
+    assert await vol.write(fh, 0, b"written") == 7
+    assert vol.getattr(entry.nodeid, "native").attr.size == 7
+    await vol.flush(fh)
+    await vol.release(fh)
+    assert entry.inode.fd == -1 and entry.inode.io_fd == -1
+    assert vol.getattr(entry.nodeid, "native").attr.size == 7  # opened now, from its name
+    assert entry.inode.fd >= 0
+    assert (env.src / "fresh").read_bytes() == b"written"
+
+
 def test_a_directory_kept_for_an_unopened_entry_is_released_with_it(env: Env) -> None:
     vol = env.vol
     before = len(vol.inodes)

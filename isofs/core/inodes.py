@@ -69,6 +69,10 @@ class Inode:
     found_in: tuple[InodeTable, Inode, str] | None = None
     #: Children found here whose descriptors are still to be opened from this directory's.
     unopened_children: int = 0
+    #: A descriptor an open handle holds for native I/O on the file (-1: none), which fstat
+    #: and fgetxattr can use directly: no O_PATH to open, no /proc/self/fd path to resolve
+    #: (the GETXATTR of security.capability precedes every write).
+    io_fd: int = -1
 
     @property
     def path_fd(self) -> int:
@@ -78,6 +82,11 @@ class Inode:
             assert self.found_in is not None
             fd = self.found_in[0].open_found(self)
         return fd
+
+    @property
+    def stat_fd(self) -> int:
+        """A descriptor to fstat: the open handle's if there is one."""
+        return self.io_fd if self.io_fd >= 0 else self.path_fd
 
     @property
     def is_dir(self) -> bool:

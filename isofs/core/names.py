@@ -180,7 +180,8 @@ class ViewNames:
     # Extended attributes of a file reached through `path`. A native attribute that is not
     # transformed (set before init, or by a native-view process) passes through, like names.
 
-    def get_xattr(self, path: str, name: bytes) -> bytes:
+    def get_xattr(self, path: str | int, name: bytes) -> bytes:
+        """`path`: a /proc/self/fd path, or a descriptor open for I/O."""
         native = self._xattr_native_name(name)
         if native != name:
             try:
@@ -192,7 +193,9 @@ class ViewNames:
                 try:
                     return self.transform.xattr_value_to_view(native, stored)
                 except CorruptData as exc:
-                    log.error("%s: xattr %r: %s", os.path.realpath(path), name, exc.strerror)
+                    shown = path if isinstance(path, str) else f"/proc/self/fd/{path}"
+                    where = os.path.realpath(shown)
+                    log.error("%s: xattr %r: %s", where, name, exc.strerror)
                     raise OSError(errno.EIO, exc.strerror) from None
         return os.getxattr(path, name)
 

@@ -436,7 +436,7 @@ class Volume:
     def getattr(self, nodeid: int, caller_view: str | None = None) -> Entry:
         inode, code = self.inodes.by_nodeid(nodeid)
         view = self._checked_view(code, caller_view)
-        return self._entry(inode, native.fstat(inode.path_fd), view)
+        return self._entry(inode, native.fstat(inode.stat_fd), view)
 
     def _checked_view(self, code: int, caller_view: str | None) -> str:
         """The view of a nodeid, refusing a caller of another view (/proc/PID/fd tricks)."""
@@ -688,7 +688,7 @@ class Volume:
         inode, names = self._xattr_object(nodeid, caller_view)
         if inode.is_symlink:
             raise OSError(errno.ENODATA, "no xattrs on symlinks")
-        path = native.proc_path(inode.path_fd)
+        path: str | int = inode.io_fd if inode.io_fd >= 0 else native.proc_path(inode.path_fd)
         return os.getxattr(path, name) if names is None else names.get_xattr(path, name)
 
     def setxattr(
@@ -847,6 +847,8 @@ class Volume:
         if section is not None:
             section.handles += 1
         self._handles[fh] = FileHandle(inode, view, code, fd, flags, section)
+        if fd >= 0 and inode.io_fd < 0:
+            inode.io_fd = fd
         return fh
 
     def _keep_kernel_cache(self, inode: Inode, code: int, st: os.stat_result) -> bool:
@@ -1063,7 +1065,8 @@ class Volume:
             if self.sections:
                 await self._before_native_change(handle.inode)
             written = os.pwrite(handle.fd, data, offset)
-            self._after_change(handle.inode, handle.view)
+            now = native.Validators.of(native.fstat(handle.fd))
+            self._after_change(handle.inode, handle.view, now)
         self.counters.writes += 1
         self.counters.bytes_written += written
         return written
@@ -1091,6 +1094,8 @@ class Volume:
                 handle.section.detach()
         finally:
             if handle.fd >= 0:
+                if handle.inode.io_fd == handle.fd:
+                    handle.inode.io_fd = -1
                 os.close(handle.fd)
             handle.inode.open_handles -= 1
             self._release_inode(handle.inode)
