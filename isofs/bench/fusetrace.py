@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import statistics
+import subprocess
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,12 +67,23 @@ def kernel_dev(st_dev: int) -> int:
 
 
 def available() -> str | None:
-    """Why tracing cannot work here, or None."""
+    """Why tracing cannot work here, or None (tracefs is mounted first if it is not)."""
     if os.geteuid() != 0:
         return "tracing FUSE requests needs root"
+    _mount_tracefs()
     if not (TRACEFS / "events" / "fuse" / "fuse_request_send").is_dir():
         return "no fuse tracepoints in tracefs (/sys/kernel/tracing/events/fuse)"
     return None
+
+
+def _mount_tracefs() -> None:
+    """Mount tracefs at its usual place when the kernel has it but nothing mounted it (a
+    fresh machine without debugfs users), as perf and trace-cmd do. It stays mounted: it is
+    the kernel's, shared by every tracer, and holds nothing until an instance is made."""
+    if (TRACEFS / "events").is_dir() or not TRACEFS.is_dir():
+        return
+    subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)],
+                   capture_output=True, check=False)  # fmt: skip
 
 
 class FuseTrace:
