@@ -805,7 +805,9 @@ def listed_entries(vol: Volume, nodeid: int, caller: Requester) -> dict[str, Ent
     return kept
 
 
-def test_a_looked_up_or_listed_inode_opens_its_descriptor_only_when_used(env: Env) -> None:
+async def test_a_looked_up_or_listed_inode_opens_its_descriptor_only_when_used(
+    env: Env,
+) -> None:
     vol = env.vol
     d = vol.lookup(ROOT, "d", NATIVE)
     assert d.inode.fd == -1  # a stat needs nothing but the lookup's attributes
@@ -814,7 +816,10 @@ def test_a_looked_up_or_listed_inode_opens_its_descriptor_only_when_used(env: En
     assert d.inode.fd >= 0  # the listing needed the directory itself
     inner = entries["inner"].inode
     assert inner.fd == -1 and len(open_fds()) == len(fds) + 1  # the directory's, none per entry
+    # a GETATTR stats the name it was found under (checked to lead to it): still no descriptor
     assert vol.getattr(entries["inner"].nodeid, "native").attr.size == len(b"inner") + HEADER_SIZE
+    assert inner.fd == -1
+    assert await open_read(vol, entries["inner"].nodeid, NATIVE) == encode(b"inner", seed=9)
     assert inner.fd >= 0 and fd_is_open(inner.fd)
     assert native.fstat(inner.fd).st_ino == (env.src / "d" / "inner").stat().st_ino
 
@@ -875,8 +880,8 @@ async def test_create_write_close_through_a_native_handle_opens_no_o_path(env: E
     await vol.flush(fh)
     await vol.release(fh)
     assert entry.inode.fd == -1 and entry.inode.io_fd == -1
-    assert vol.getattr(entry.nodeid, "native").attr.size == 7  # opened now, from its name
-    assert entry.inode.fd >= 0
+    assert vol.getattr(entry.nodeid, "native").attr.size == 7  # by its name, still unopened
+    assert entry.inode.fd == -1
     assert (env.src / "fresh").read_bytes() == b"written"
 
 

@@ -83,10 +83,19 @@ class Inode:
             fd = self.found_in[0].open_found(self)
         return fd
 
-    @property
-    def stat_fd(self) -> int:
-        """A descriptor to fstat: the open handle's if there is one."""
-        return self.io_fd if self.io_fd >= 0 else self.path_fd
+    def native_stat(self) -> os.stat_result:
+        """The native file's stat: by the open handle's descriptor, the O_PATH one, or, for
+        an inode not opened yet, by the name it was found under (checked to lead to it:
+        one fstatat instead of opening a descriptor for a GETATTR)."""
+        if self.io_fd >= 0:
+            return native.fstat(self.io_fd)
+        found = self.found_in
+        if self.fd < 0 and found is not None:
+            with contextlib.suppress(FileNotFoundError):
+                st = native.stat_at(found[1].path_fd, found[2])
+                if (st.st_dev, st.st_ino) == self.key:
+                    return st
+        return native.fstat(self.path_fd)  # opens it, or says ESTALE
 
     @property
     def is_dir(self) -> bool:

@@ -436,7 +436,7 @@ class Volume:
     def getattr(self, nodeid: int, caller_view: str | None = None) -> Entry:
         inode, code = self.inodes.by_nodeid(nodeid)
         view = self._checked_view(code, caller_view)
-        return self._entry(inode, native.fstat(inode.stat_fd), view)
+        return self._entry(inode, inode.native_stat(), view)
 
     def _checked_view(self, code: int, caller_view: str | None) -> str:
         """The view of a nodeid, refusing a caller of another view (/proc/PID/fd tricks)."""
