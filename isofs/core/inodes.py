@@ -90,7 +90,7 @@ class Inode:
         if self.io_fd >= 0:
             return native.fstat(self.io_fd)
         found = self.found_in
-        if self.fd < 0 and found is not None:
+        if found is not None:
             with contextlib.suppress(FileNotFoundError):
                 st = native.stat_at(found[1].path_fd, found[2])
                 if (st.st_dev, st.st_ino) == self.key:
@@ -120,6 +120,17 @@ class Inode:
                 yield make_nodeid(self.number, code)
 
 
+def _open_path_and_stat(parent: Inode, name: str) -> tuple[int, os.stat_result]:
+    """An O_PATH descriptor on `name` in `parent` and its fstat (the file it opened, which
+    a stat of the name before it may not have been)."""
+    fd = native.open_path(parent.path_fd, name)
+    try:
+        return fd, native.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+
+
 class InodeTable:
     """All inodes the kernel or an open handle references; released at unmount."""
 
@@ -136,8 +147,9 @@ class InodeTable:
         self._next_private = _PRIVATE_NUMBERS
         #: (directory number, native name) -> the inode found there without a descriptor yet.
         self._unopened: dict[tuple[int, str], Inode] = {}
-        self._opening = threading.RLock()  # reentrant: an unopened directory opens first; worker
-        # threads (size measurement) open them too
+        #: Reentrant: an unopened directory opens first. Worker threads (size measurement)
+        #: open descriptors too.
+        self._opening = threading.RLock()
 
     @property
     def root(self) -> Inode:
@@ -189,12 +201,7 @@ class InodeTable:
             self._by_number[inode.number] = inode
             self._by_key[inode.key] = inode
             return inode, st
-        fd = native.open_path(parent.path_fd, name)
-        try:
-            st = native.fstat(fd)
-        except OSError:
-            os.close(fd)
-            raise
+        fd, st = _open_path_and_stat(parent, name)
         key = (st.st_dev, st.st_ino)
         known = self._by_key.get(key)
         if known is not None:  # lost a race with a rename: keep the handle we have
@@ -218,15 +225,10 @@ class InodeTable:
             assert inode.found_in is not None
             _, parent, name = inode.found_in
             try:
-                fd = native.open_path(parent.path_fd, name)
+                fd, st = _open_path_and_stat(parent, name)
             except FileNotFoundError:
                 fd = -1
-            if fd >= 0:
-                try:
-                    st = native.fstat(fd)
-                except OSError:
-                    os.close(fd)
-                    raise
+            else:
                 if (st.st_dev, st.st_ino) != inode.key:
                     os.close(fd)
                     fd = -1
@@ -304,11 +306,9 @@ class InodeTable:
             inode.lookups.pop(code, None)
         return inode
 
-    def release_if_unused(self, inode: Inode) -> list[Inode]:
-        """Close the O_PATH handle of an inode no one references any more; returns the
-        inodes released: it, and the directories kept only for an unopened entry of theirs
-        (each also passed to `on_release`)."""
-        released: list[Inode] = []
+    def release_if_unused(self, inode: Inode) -> None:
+        """Close the O_PATH handle of an inode no one references any more, and of the
+        directories kept only for an unopened entry of theirs; each goes to `on_release`."""
         candidate: Inode | None = inode
         while candidate is not None and candidate is not self._root and not candidate.in_use:
             if self._by_number.pop(candidate.number, None) is None:
@@ -316,10 +316,8 @@ class InodeTable:
             self._by_key.pop(candidate.key, None)
             if candidate.fd >= 0:
                 os.close(candidate.fd)
-            released.append(candidate)
             self.on_release(candidate)
             candidate = self._forget_where_found(candidate)
-        return released
 
     def close_all(self) -> None:
         """Release every handle (unmount): the kernel has forgotten everything by then."""

@@ -539,7 +539,7 @@ class Volume:
         """An unprivileged truncating open drops setuid (and group-exec setgid), as natively."""
         if caller.uid == 0 or not self.is_root_daemon:
             return
-        mode = native.fstat(inode.path_fd).st_mode
+        mode = inode.native_stat().st_mode
         drop = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
         if mode & drop:
             native.chmod(inode.path_fd, stat.S_IMODE(mode) & ~drop)
@@ -668,7 +668,7 @@ class Volume:
     def access(self, nodeid: int, mode: int, uid: int, gids: set[int]) -> None:
         """POSIX permission check (only asked when the kernel does not check itself)."""
         inode, _ = self.inodes.by_nodeid(nodeid)
-        st = native.fstat(inode.path_fd)
+        st = inode.native_stat()
         if uid == 0:
             if mode & os.X_OK and not st.st_mode & 0o111 and not inode.is_dir:
                 raise OSError(errno.EACCES, "no execute bit")
@@ -814,7 +814,7 @@ class Volume:
             number = self.inodes.number_of(st)
             return Entry(make_nodeid(number, SHARED), self.attributes(inode, st, "native"),
                          0.0, 0.0, inode)
-        return self._entry(inode, native.fstat(inode.path_fd), handle.view)
+        return self._entry(inode, inode.native_stat(), handle.view)
 
     def confirm(self, entry: Entry) -> None:
         """The kernel kept a readdirplus entry: count its lookup."""
@@ -954,7 +954,7 @@ class Volume:
         """
         own = self._code_for(inode, view)
         if now is None:
-            now = native.Validators.of(native.fstat(inode.path_fd))
+            now = native.Validators.of(inode.native_stat())
         inode.kernel_seen = {own: now}
         for section in self._sections_of(inode.number, but=view):
             section.mark_stale()
@@ -973,7 +973,7 @@ class Volume:
             section = await self._open_section(inode, view, flags)
             if flags & os.O_TRUNC:
                 self._truncated_by(inode, caller)
-            keep = self._keep_kernel_cache(inode, code, native.fstat(inode.path_fd))
+            keep = self._keep_kernel_cache(inode, code, inode.native_stat())
             return self._new_handle(inode, view, code, -1, flags, section), keep
         if flags & os.O_TRUNC:
             await self._before_native_change(inode)
@@ -1033,7 +1033,7 @@ class Volume:
         if transformed:
             section = await self._open_section(inode, caller.view, flags | os.O_RDWR, fd)
             fd = -1
-            st = native.fstat(inode.path_fd)
+            st = inode.native_stat()
             entry = self._entry(inode, st, caller.view)
             inode.kernel_seen[entry.code] = native.Validators.of(st)
         else:
@@ -1109,18 +1109,18 @@ class Volume:
         self.sizes.put(inode.key, section.validators, value, exact=True)
 
     def _release_inode(self, inode: Inode) -> None:
-        """Close an inode nobody references.
+        """Close an inode nobody references (the table calls `_inode_released`)."""
+        self.inodes.release_if_unused(inode)
+
+    def _inode_released(self, inode: Inode) -> None:
+        """The table let an inode go (`_release_inode`, or a directory kept only for a
+        child it had not opened): what is kept by its number goes or turns idle.
 
         Its sections outlive it (bounded): when views alternate on a file, the kernel forgets
         one view's inode at every switch, and the section's pages are what make the next
         read of that view a cache hit. Keeping them is safe: a section's open descriptor pins
         the native inode, so its number cannot be reused for another file meanwhile.
         """
-        self.inodes.release_if_unused(inode)
-
-    def _inode_released(self, inode: Inode) -> None:
-        """The table let an inode go (`_release_inode`, or a directory kept only for a
-        child it had not opened): what is kept by its number goes or turns idle."""
         if self.names is not None:
             self.names.forget(inode.number)
         for view in self.views:
